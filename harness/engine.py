@@ -1,0 +1,265 @@
+"""The forward pass the harness owns: vision tower, sequence assembly and the decoder-layer loop.
+
+The events fire where `harness.method` documents them. Only stock transformers submodules are called
+(`encoder.layers[i]`, `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`, `norm`); nothing is
+monkeypatched, so two models in one process never interfere and the model's attention backend (sdpa, flash,
+eager) is used as configured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from harness.latency import Stopwatch
+from harness.ledger import LayerRecord, Ledger
+from harness.method import Method, ModelInfo, create_method
+from harness.state import Kind, TokenState
+
+if TYPE_CHECKING:
+    from harness.model import Prepared, SegModel, SegmentResult
+
+CAUSAL_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3")  # attention_mask=None means causal here
+
+
+@dataclass
+class VisionFeatures:
+    """What the vision tower hands to the projector (pre-LLM methods may replace it).
+
+    Attributes:
+        patches: (1, N, Dv) features fed to the projector.
+        patch_index: (N,) patch (row-major on `grid`) each feature stands for; -1 for synthetic tokens.
+        grid: patch grid (h, w) of the tower.
+        cls: (1, Dv) CLS state at the selected layer.
+        layer_input: (1, 1 + h*w, Dv) input of the selected tower layer (CLS first), to recompute its attention.
+        layer: index of the selected tower layer in `tower.encoder.layers`.
+        tower: the CLIPVisionModel.
+    """
+
+    patches: Tensor
+    patch_index: Tensor
+    grid: tuple[int, int]
+    cls: Tensor
+    layer_input: Tensor
+    layer: int
+    tower: nn.Module
+
+
+@dataclass
+class Context:
+    """Per-forward context a method receives with every event."""
+
+    model: SegModel
+    info: ModelInfo
+    ledger: Ledger
+    rng: torch.Generator
+    scratch: dict[str, Any] = field(default_factory=dict)  # per-forward storage for the method
+    record: LayerRecord | None = None  # ledger record of the layer being run (for `ffn` overrides)
+    position_policy: str = "original"
+    watch: Stopwatch = field(default_factory=Stopwatch)
+
+    def overhead(self):
+        """Context manager charging the enclosed scoring work's time to the "method" stage."""
+        return self.watch("method")
+
+    def positions(self, state: TokenState) -> Tensor:
+        """RoPE position ids of the rows under the method's policy."""
+        if self.position_policy == "reindex":
+            return torch.arange(len(state), device=state.index.device)
+        return state.index
+
+    def attention_rows(self, layer: int, state: TokenState, rows: Tensor, *, rope: bool = True,
+                       keys: Tensor | None = None, head_mean: bool = True) -> Tensor:
+        """Attention probabilities of query `rows` at decoder layer `layer`, recomputed from the layer's input.
+
+        `state.hidden` must be the input of `layer` (call it from `before_layer(layer, ...)`). See `attention_rows`.
+        """
+        lm = self.model.language_model
+        with self.overhead():
+            return attention_rows(lm.layers[layer], lm.rotary_emb, state.hidden, self.positions(state), rows,
+                                  rope=rope, keys=keys, head_mean=head_mean, ledger=self.ledger)
+
+
+def attention_rows(layer: nn.Module, rotary: nn.Module, hidden: Tensor, positions: Tensor, rows: Tensor, *,
+                   rope: bool = True, keys: Tensor | None = None, head_mean: bool = True,
+                   ledger: Ledger | None = None) -> Tensor:
+    """Recompute the softmax attention of a few query rows of one decoder layer, in fp32, without eager attention.
+
+    input_layernorm -> q for `rows`, k for all (or `keys`) -> RoPE at `positions` (optional, FEATHER scores without
+    it) -> GQA repeat -> scaled scores, causal in current-sequence order -> softmax. Matches eager
+    `output_attentions` of the same layer (reference B6: 7e-9).
+
+    Args:
+        hidden: (1, n, d) input of the layer.
+        positions: (n,) RoPE positions of the rows.
+        rows: (r,) query rows.
+        keys: (k,) key rows to score against (softmax over these only); all rows if None.
+        head_mean: average over heads (FastV); else return per-head probabilities.
+
+    Returns:
+        (r, k) head-mean probabilities, or (H, r, k) per head.
+    """
+    attn = layer.self_attn
+    n = hidden.shape[1]
+    hd = attn.head_dim
+    x = layer.input_layernorm(hidden)
+    key_rows = torch.arange(n, device=hidden.device) if keys is None else keys
+    q = attn.q_proj(x[:, rows]).view(1, len(rows), -1, hd).transpose(1, 2)  # (1, Hq, r, hd)
+    k = attn.k_proj(x[:, key_rows]).view(1, len(key_rows), -1, hd).transpose(1, 2)  # (1, Hkv, k, hd)
+    if rope:
+        cos, sin = rotary(x, positions[None])  # (1, n, hd)
+        q, _ = apply_rotary_pos_emb(q, q, cos[:, rows], sin[:, rows])
+        k, _ = apply_rotary_pos_emb(k, k, cos[:, key_rows], sin[:, key_rows])
+    k = repeat_kv(k, attn.num_key_value_groups)  # (1, Hq, k, hd)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (1, Hq, r, k)
+    scores = scores.masked_fill(key_rows[None, :] > rows[:, None], float("-inf"))
+    probs = scores.softmax(-1)[0]  # (Hq, r, k)
+    if ledger is not None:
+        d, n_q, n_kv = hidden.shape[-1], attn.config.num_attention_heads, attn.config.num_key_value_heads
+        ledger.add_method_matmul(len(rows), d, n_q * hd)
+        ledger.add_method_matmul(len(key_rows), d, n_kv * hd)
+        ledger.add_method_matmul(len(rows), hd, len(key_rows), times=n_q)
+    return probs.mean(0) if head_mean else probs
+
+
+# -- vision ------------------------------------------------------------------------------------------------------
+def run_vision(model: SegModel, clip_pixels: Tensor, ledger: Ledger) -> VisionFeatures:
+    """CLIP up to the selected feature layer (LLaVA/LISA: penultimate), CLS dropped; later layers are not run."""
+    tower = model.vision_tower
+    h = tower.pre_layrnorm(tower.embeddings(clip_pixels))  # (1, 1 + N, Dv)
+    n_run = model.vision_layers_run
+    layer_input = h
+    for layer in tower.encoder.layers[:n_run]:
+        layer_input = h
+        h = layer(h, None)
+    ledger.vision_tokens, ledger.vision_layers = h.shape[1], n_run
+    g = tower.config.image_size // tower.config.patch_size
+    n = h.shape[1] - 1
+    return VisionFeatures(patches=h[:, 1:], patch_index=torch.arange(n, device=h.device), grid=(g, g), cls=h[:, 0],
+                          layer_input=layer_input, layer=n_run - 1, tower=tower)
+
+
+# -- sequence ----------------------------------------------------------------------------------------------------
+def assemble(model: SegModel, image_tokens: Tensor, patch_index: Tensor, query: str, is_sentence: bool) -> TokenState:
+    """Embed the prompt and splice the projected image tokens in at LLaVA's image placeholder."""
+    pre, post = model.prompt_ids(query, is_sentence)
+    embed = model.language_model.embed_tokens
+    dev = image_tokens.device
+    ids = torch.tensor(pre + post, device=dev)
+    text = embed(ids)[None]  # (1, len(pre) + len(post), d)
+    hidden = torch.cat([text[:, : len(pre)], image_tokens.to(text.dtype), text[:, len(pre):]], 1)
+    n_img = image_tokens.shape[1]
+    kind = model.token_kinds(pre, n_img, post)
+    patch = torch.full((hidden.shape[1],), -1, dtype=torch.long, device=dev)
+    patch[len(pre): len(pre) + n_img] = patch_index
+    return TokenState(hidden=hidden, index=torch.arange(hidden.shape[1], device=dev), kind=kind, patch=patch)
+
+
+def causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive (1, 1, n, n) causal mask for backends where `attention_mask=None` is *not* causal (eager)."""
+    return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
+
+
+def run_llm(model: SegModel, state: TokenState, method: Method, ctx: Context) -> TokenState:
+    """The decoder-layer loop: before_layer -> attention -> ffn per layer; one ledger record per layer."""
+    lm = model.language_model
+    fire_before, fire_ffn = method.overrides("before_layer"), method.overrides("ffn")
+    needs_mask = lm.config._attn_implementation not in CAUSAL_BACKENDS
+    pos = rope = mask = None
+    patches: list[int] = []
+    patch_src = None
+    for i, layer in enumerate(lm.layers):
+        if fire_before:
+            state = method.before_layer(i, state, ctx)
+        h = state.hidden
+        new_pos = ctx.positions(state)
+        if new_pos is not pos:  # RoPE and mask only change when the rows change
+            pos = new_pos
+            rope = lm.rotary_emb(h, pos[None])
+            mask = causal_mask(h.shape[1], h.dtype, h.device) if needs_mask else None
+        if state.patch is not patch_src:
+            patch_src = state.patch
+            patches = state.patch[state.kind == Kind.IMAGE].tolist()
+        n = h.shape[1]
+        ctx.record = LayerRecord(n=n, n_image=len(patches), n_ffn=n, patches=patches)
+        a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask)
+        h = h + a
+        x = layer.post_attention_layernorm(h)
+        h = h + (method.ffn(i, layer.mlp, x, replace(state, hidden=h), ctx) if fire_ffn else layer.mlp(x))
+        state = replace(state, hidden=h)
+        ctx.ledger.layers.append(ctx.record)
+    ctx.record = None
+    if state.held:
+        raise RuntimeError(f"{method.name}: tokens still held back after the last layer: {sorted(state.held)}")
+    return state
+
+
+# -- one sample --------------------------------------------------------------------------------------------------
+@dataclass
+class Trace:
+    """Where the tokens went, per LLM layer."""
+
+    tokens_per_layer: list[int]
+    image_tokens_per_layer: list[int]
+    kept_patches: list[list[int]]  # vision-patch indices of the image tokens present in each layer
+    n_avg: float
+
+
+def sample_rng(method: Method, sample_key: str) -> torch.Generator:
+    """Seeded generator per (method seed, sample): reproducible and independent of run order or resumption."""
+    seed = int(getattr(method, "seed", 0))
+    digest = hashlib.sha256(f"{seed}:{sample_key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_sentence: bool = False,
+            sample_key: str = "", prepared: Prepared | None = None, image_embeddings: Tensor | None = None,
+            stopwatch: Stopwatch | None = None) -> SegmentResult:
+    """Run one image and query through the model with `method`; see `SegModel.segment`."""
+    from harness.flops import Arch, compute_flops
+    from harness.model import SegmentResult
+
+    method = create_method(method) if not isinstance(method, Method) else method
+    info = model.info
+    method.bind(info)
+    watch = stopwatch or Stopwatch(model.device)
+    watch.last = {}
+    ledger = Ledger()
+    ctx = Context(model=model, info=info, ledger=ledger, rng=sample_rng(method, sample_key or query),
+                  position_policy=method.position_policy, watch=watch)
+    with torch.inference_mode():
+        prep = prepared if prepared is not None else model.prepare(image)
+        with watch("vision"):
+            feats = run_vision(model, prep.clip_pixels, ledger)
+        with watch("method"):
+            feats = method.on_vision(feats, ctx)
+        with watch("projector"):
+            tokens = model.projector(feats.patches)
+            ledger.projector_tokens = tokens.shape[1]
+            state = assemble(model, tokens, feats.patch_index, query, is_sentence)
+        with watch("llm"):
+            state = method.on_sequence(state, ctx)
+            state = run_llm(model, state, method, ctx)
+            src = state.seg_source_row
+            seg_hidden = model.language_model.norm(state.hidden[:, src])  # RMSNorm is per token: norm(h)[src]
+        logits = None
+        if model.sam is not None:
+            with watch("sam_encoder"):
+                if image_embeddings is None:
+                    image_embeddings = model.sam_image_embeddings(prep.sam_pixels)
+                ledger.sam_images = 1
+            with watch("mask_decoder"):
+                seg_embedding = model.text_hidden_fcs[0](seg_hidden)
+                logits = model.decode_mask(seg_embedding, image_embeddings, prep)
+                ledger.seg_prompts = 1
+    trace = Trace(tokens_per_layer=ledger.tokens_per_layer, image_tokens_per_layer=ledger.image_tokens_per_layer,
+                  kept_patches=[r.patches for r in ledger.layers], n_avg=ledger.n_avg)
+    mask = (logits > 0).cpu().numpy() if logits is not None else None
+    flops = compute_flops(Arch.from_model(model), ledger, "exact")
+    return SegmentResult(mask=mask, logits=logits, seg_hidden=seg_hidden, trace=trace, flops=flops,
+                         latency=dict(watch.last), ledger=ledger)

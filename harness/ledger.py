@@ -1,0 +1,57 @@
+"""Per-sample record of the work done, from which every FLOPs figure is computed (see `harness.flops`).
+
+The loop appends one `LayerRecord` per decoder layer; the vision tower, projector and SAM record their token counts;
+methods record their own extra matmuls (scoring work) as `method` overhead. FLOPs are therefore exact for
+data-dependent budgets (adaptive token counts, per-image superpixels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerRecord:
+    """One decoder layer.
+
+    Attributes:
+        n: tokens in the layer (attention queries and keys).
+        n_image: image tokens among them.
+        n_ffn: tokens through the stock FFN (n unless a method routes some tokens elsewhere).
+        light: extra matmuls of a lighter FFN path, as (rows, in_dim, out_dim).
+        patches: vision-patch index of each image token in the layer (the trace of where tokens went).
+    """
+
+    n: int
+    n_image: int
+    n_ffn: int
+    light: list[tuple[int, int, int]] = field(default_factory=list)
+    patches: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Ledger:
+    vision_tokens: int = 0  # tokens through the vision tower (patches + CLS)
+    vision_layers: int = 0  # encoder layers run
+    projector_tokens: int = 0
+    layers: list[LayerRecord] = field(default_factory=list)
+    method: list[tuple[int, int, int]] = field(default_factory=list)  # method matmuls as (m, k, n)
+    seg_prompts: int = 0  # [SEG] embeddings decoded by SAM
+    sam_images: int = 0  # images through the SAM image encoder
+
+    def add_method_matmul(self, m: int, k: int, n: int, times: int = 1) -> None:
+        """Record `times` matmuls of an (m, k) by (k, n) product done by a method (scoring, merging)."""
+        self.method.extend([(int(m), int(k), int(n))] * int(times))
+
+    @property
+    def image_tokens_per_layer(self) -> list[int]:
+        return [r.n_image for r in self.layers]
+
+    @property
+    def tokens_per_layer(self) -> list[int]:
+        return [r.n for r in self.layers]
+
+    @property
+    def n_avg(self) -> float:
+        """Average image tokens per LLM layer (LVLM_CSP eq. 9)."""
+        return sum(self.image_tokens_per_layer) / max(len(self.layers), 1)

@@ -1,0 +1,110 @@
+"""Controls: the unpruned baseline, a seeded random drop, and grid pooling before the projector.
+
+Controls are not methods from a paper; they bound what a method must beat. `random` drops image tokens the way
+FastV does (before layer K, a fraction R, original position ids kept) but picks them uniformly at random;
+`downsample` pools the patch grid before the projector, the simplest pre-LLM reduction.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from harness.engine import Context, VisionFeatures
+from harness.method import Method, ModelInfo, register
+from harness.state import TokenState
+
+
+@register("none", aliases=("baseline",))
+class NoReduction(Method):
+    """The unpruned model."""
+
+    stage = "control"
+    citation = "unpruned baseline"
+    keep_all = {}
+
+    def image_schedule(self, info: ModelInfo) -> list[int]:
+        return [info.n_image_tokens] * info.n_layers
+
+
+@register("random")
+class RandomDrop(Method):
+    """Drop a seeded random subset of image tokens before layer k, keeping original position ids.
+
+    Args:
+        k: decoder layer before which tokens are dropped (0 = before the first layer), like FastV's K.
+        ratio: fraction of image tokens dropped, like FastV's R (0 keeps all).
+        seed: seed of the random choice, combined with the sample so each image gets its own subset.
+    """
+
+    stage = "control"
+    citation = "random-drop control (FastV-style K and R)"
+    keep_all = {"ratio": 0.0}
+
+    def __init__(self, k: int = 2, ratio: float = 0.5, seed: int = 0):
+        if k < 0:
+            raise ValueError(f"random: k must be >= 0, got {k}")
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"random: ratio is the fraction dropped and must be in [0, 1), got {ratio}")
+        self.k, self.ratio, self.seed = k, ratio, seed
+
+    def bind(self, info: ModelInfo) -> None:
+        if self.k >= info.n_layers:
+            raise ValueError(f"random: k={self.k} is beyond the model's {info.n_layers} layers; use 0..{info.n_layers - 1}")
+
+    def keep_count(self, n: int) -> int:
+        return n - round(self.ratio * n)
+
+    def before_layer(self, i: int, state: TokenState, ctx: Context) -> TokenState:
+        if i != self.k:
+            return state
+        img = state.image_rows
+        keep = torch.randperm(len(img), generator=ctx.rng)[: self.keep_count(len(img))].to(img.device)
+        return state.keep_image(img[keep])
+
+    def image_schedule(self, info: ModelInfo) -> list[int]:
+        n = info.n_image_tokens
+        return [n] * self.k + [self.keep_count(n)] * (info.n_layers - self.k)
+
+
+@register("downsample")
+class Downsample(Method):
+    """Pool the patch grid before the projector (stride x stride windows, edges padded by ceil mode).
+
+    Args:
+        stride: pooling window and stride on the patch grid (1 keeps all tokens).
+        mode: average or max pooling.
+    """
+
+    stage = "control"
+    citation = "grid-pooling control"
+    keep_all = {"stride": 1}
+
+    def __init__(self, stride: int = 2, mode: Literal["avg", "max"] = "avg"):
+        if stride < 1:
+            raise ValueError(f"downsample: stride must be >= 1, got {stride}")
+        self.stride, self.mode = stride, mode
+
+    def bind(self, info: ModelInfo) -> None:
+        if self.stride > min(info.grid):
+            raise ValueError(f"downsample: stride={self.stride} exceeds the {info.grid[0]}x{info.grid[1]} patch grid")
+
+    def on_vision(self, feats: VisionFeatures, ctx: Context) -> VisionFeatures:
+        if self.stride == 1:
+            return feats
+        h, w = feats.grid
+        s = self.stride
+        x = feats.patches.transpose(1, 2).reshape(1, -1, h, w)  # (1, Dv, h, w)
+        pool = F.avg_pool2d if self.mode == "avg" else F.max_pool2d
+        y = pool(x, s, s, ceil_mode=True)  # (1, Dv, h', w')
+        hh, ww = y.shape[-2:]
+        # each pooled token stands for the top-left patch of its window
+        rows = torch.arange(hh, device=x.device)[:, None] * s * w + torch.arange(ww, device=x.device)[None] * s
+        return VisionFeatures(patches=y.flatten(2).transpose(1, 2), patch_index=rows.flatten(), grid=feats.grid,
+                              cls=feats.cls, layer_input=feats.layer_input, layer=feats.layer, tower=feats.tower)
+
+    def image_schedule(self, info: ModelInfo) -> list[int]:
+        h, w = info.grid
+        return [-(-h // self.stride) * -(-w // self.stride)] * info.n_layers
