@@ -22,7 +22,7 @@ from harness.method import Method, ModelInfo, create_method
 from harness.state import Kind, TokenState
 
 if TYPE_CHECKING:
-    from harness.model import Prepared, SegModel, SegmentResult
+    from harness.model import Prepared, SegmentResult, SegModel
 
 CAUSAL_BACKENDS = ("sdpa", "flash_attention_2", "flash_attention_3")  # attention_mask=None means causal here
 

@@ -44,7 +44,8 @@ class Arch:
         v = cfg.get("vision")
         run = 0
         if v is not None:
-            run = vision_feature_layer if vision_feature_layer > 0 else v["num_hidden_layers"] + 1 + vision_feature_layer
+            run = vision_feature_layer if vision_feature_layer > 0 else \
+                v["num_hidden_layers"] + 1 + vision_feature_layer
         return cls(name=name, vision=v, llm=cfg["llm"], sam=cfg.get("sam"), projector=cfg.get("projector"),
                    seg_out_dim=cfg.get("seg_out_dim"), vision_layers_run=run)
 

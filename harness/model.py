@@ -70,7 +70,8 @@ class SegModelConfig:
 
 def _sam_config(sam: dict) -> SamConfig:
     vision = SamVisionConfig(**{"initializer_range": 0.02, **sam["vision"]})
-    return SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=SamPromptEncoderConfig(**sam["prompt"]).to_dict(),
+    prompt = SamPromptEncoderConfig(**sam["prompt"]).to_dict()
+    return SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt,
                      mask_decoder_config=SamMaskDecoderConfig(**sam["decoder"]).to_dict())
 
 
@@ -115,7 +116,8 @@ class SegModel(nn.Module):
         if self.seg_token_id is None or self.seg_token_id == tokenizer.unk_token_id:
             raise ValueError("the tokenizer has no [SEG] token; add it with tokenizer.add_tokens('[SEG]')")
         size = vcfg.image_size
-        self.clip_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        self.clip_processor = CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                    crop_size={"height": size, "width": size})
         if self.sam is not None:
             s = self.sam.config.vision_config.image_size
             self.sam_processor = SamImageProcessorPil(size={"longest_edge": s}, pad_size={"height": s, "width": s})
@@ -218,7 +220,7 @@ class SegModel(nn.Module):
             self._sam_pe = sam.get_image_wide_positional_embeddings()  # fixed per model: computed once
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(image_embeddings)
         low, _ = sam.mask_decoder(image_embeddings=image_embeddings, image_positional_embeddings=self._sam_pe,
-                                  sparse_prompt_embeddings=seg_embedding.reshape(1, 1, 1, -1).to(image_embeddings.dtype),
+                                  sparse_prompt_embeddings=seg_embedding.reshape(1, 1, 1, -1).to(dense.dtype),
                                   dense_prompt_embeddings=dense, multimask_output=False)
         # LISA's postprocess_masks: upsample to the SAM input size, crop the padding, upsample to the original size
         s = sam.config.vision_config.image_size

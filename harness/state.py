@@ -96,5 +96,6 @@ class TokenState:
         order = index.argsort()
         held = {k: v for k, v in self.held.items() if k != name}
         return TokenState(hidden=torch.cat([self.hidden, back.hidden], 1)[:, order], index=index[order],
-                          kind=torch.cat([self.kind, back.kind])[order], patch=torch.cat([self.patch, back.patch])[order],
+                          kind=torch.cat([self.kind, back.kind])[order],
+                          patch=torch.cat([self.patch, back.patch])[order],
                           held=held)

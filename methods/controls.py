@@ -52,7 +52,8 @@ class RandomDrop(Method):
 
     def bind(self, info: ModelInfo) -> None:
         if self.k >= info.n_layers:
-            raise ValueError(f"random: k={self.k} is beyond the model's {info.n_layers} layers; use 0..{info.n_layers - 1}")
+            raise ValueError(f"random: k={self.k} is beyond the model's {info.n_layers} layers; "
+                             f"use 0..{info.n_layers - 1}")
 
     def keep_count(self, n: int) -> int:
         return n - round(self.ratio * n)

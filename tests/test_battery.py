@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 
 import pytest
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import harness

@@ -1,0 +1,68 @@
+"""LLM-stage benchmarks that print figures (no timing is asserted anywhere in the tests)."""
+
+from __future__ import annotations
+
+import torch
+
+from harness.datasets import load_dataset
+from harness.engine import Context, assemble, run_llm, run_vision, sample_rng
+from harness.flops import Arch, llm_flops
+from harness.latency import Stopwatch, interleaved
+from harness.ledger import Ledger
+from harness.method import create_method
+from harness.model import load_model
+
+
+def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: str | None = None) -> str:
+    """Interleave: stock `LlamaModel.forward`, our loop without a method, our loop with `drop`.
+
+    Reports median / p90 LLM-stage latency, the loop's overhead over the stock forward, and the measured speedup of
+    `drop` against its FLOPs-ideal speedup (ratio of exact LLM FLOPs, scoring overhead included).
+    """
+    model = load_model(model_name, device=device)
+    sample = load_dataset("toy", "val", limit=1)[0]
+    prep = model.prepare(sample.image)
+    with torch.inference_mode():
+        feats = run_vision(model, prep.clip_pixels, Ledger())
+        state0 = assemble(model, model.projector(feats.patches), feats.patch_index, sample.query, False)
+    none, pruned = create_method("none"), create_method(drop)
+    pruned.bind(model.info)
+    watch = Stopwatch(model.device)
+    ledgers: dict[str, Ledger] = {}
+
+    def loop(method):
+        def fn() -> dict[str, float]:
+            ledger = Ledger()
+            ctx = Context(model=model, info=model.info, ledger=ledger, rng=sample_rng(method, sample.id),
+                          position_policy=method.position_policy, watch=watch)
+            watch.last = {}
+            with torch.inference_mode(), watch("llm"):
+                run_llm(model, method.on_sequence(state0, ctx), method, ctx)
+            ledgers[method.name] = ledger
+            return {"llm": watch.last["llm"] + watch.last.get("method", 0.0)}
+        return fn
+
+    def stock() -> dict[str, float]:
+        watch.last = {}
+        with torch.inference_mode(), watch("llm"):
+            model.language_model(inputs_embeds=state0.hidden, use_cache=False)
+        return {"llm": watch.last["llm"]}
+
+    res = interleaved({"stock": stock, "loop": loop(none), "pruned": loop(pruned)}, warmup=warmup, repeats=repeats)
+    arch = Arch.from_model(model)
+    f_none = llm_flops(arch, ledgers["none"].layers)
+    led = ledgers[pruned.name]
+    f_pruned = llm_flops(arch, led.layers) + 2 * sum(m * k * n for m, k, n in led.method)
+    med = {k: v["llm"]["median"] for k, v in res.items()}
+    ideal = f_none / f_pruned
+    measured = med["loop"] / med["pruned"]
+    lines = [f"model {model_name} on {model.device} ({torch.get_num_threads()} threads), {len(state0)} tokens, "
+             f"{state0.n_image} image tokens; {repeats} interleaved repeats after {warmup} warm-up",
+             f"{'condition':<28}{'median ms':>10}{'p90 ms':>10}"]
+    for name, label in (("stock", "stock LlamaModel.forward"), ("loop", "segprune loop, no method"),
+                        ("pruned", f"segprune loop, {pruned.spec()}")):
+        lines.append(f"{label[:28]:<28}{med[name] * 1e3:>10.2f}{res[name]['llm']['p90'] * 1e3:>10.2f}")
+    lines.append(f"loop / stock: {med['loop'] / med['stock']:.3f}x (target <= 1.05)")
+    lines.append(f"pruned speedup: measured {measured:.2f}x, FLOPs-ideal {ideal:.2f}x, realised "
+                 f"{measured / ideal:.2f} of ideal (target >= 0.8)")
+    return "\n".join(lines)

@@ -1,0 +1,243 @@
+"""`segprune` command line: one verb per job. User errors are one line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+DEFAULT_MODEL = "random:tiny"
+DEFAULT_DATASET = "toy:val"
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into one readable line (exit 2) and Ctrl-C into a resumable stop (exit 130)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: finished samples are saved; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="segprune")
+def main() -> None:
+    """Benchmark training-free visual-token reduction on LISA-style segmentation MLLMs."""
+
+
+def _progress(total: int, label: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label[:48], unit="sample", leave=False, file=sys.stderr,
+                disable=None)  # disable=None: off when stderr is not a terminal (CI logs)
+
+
+def _run_and_report(cells: list, out: Path, data_root: str | None, device: str | None, fmt: str) -> None:
+    from harness.report import format_table
+    from harness.runner import run_grid
+
+    rows = run_grid(cells, out, data_root=data_root, device=device, progress_factory=_progress)
+    click.echo(format_table(rows, fmt))
+    click.echo(f"\nrun folder: {out}")
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, default=[DEFAULT_MODEL], show_default=True,
+              help="model name (random:tiny, random:<arch>) or a segprune model folder; repeatable")
+@click.option("--method", "methods", multiple=True,
+              help="method spec name:key=value,...; repeatable (default: every registered method)")
+@click.option("--dataset", "datasets", multiple=True, default=[DEFAULT_DATASET], show_default=True,
+              help="dataset:split; repeatable")
+@click.option("--limit", type=int, default=None, help="first N samples of each split")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="run folder (default: runs/default); rerunning with the same folder resumes")
+@click.option("--data-root", envvar="SEGPRUNE_DATA", default=None, help="root of the datasets [env SEGPRUNE_DATA]")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu)")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--attn", type=click.Choice(["sdpa", "eager", "flash_attention_2"]), default="sdpa", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True)
+@friendly
+def run(models, methods, datasets, limit, out, data_root, device, dtype, attn, fmt) -> None:
+    """Run methods x datasets on a model and print the table (defaults: the tiny model, every method)."""
+    from harness.runner import default_methods, default_run_dir, expand_grid
+
+    cells = expand_grid(models, methods or default_methods(), datasets, limit=limit, dtype=dtype, attn=attn)
+    _run_and_report(cells, out or default_run_dir(), data_root, device, fmt)
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="run folder (default: runs/<config name>)")
+@click.option("--data-root", envvar="SEGPRUNE_DATA", default=None)
+@click.option("--device", default=None)
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True)
+@friendly
+def grid(config, out, data_root, device, fmt) -> None:
+    """Run a YAML grid: models, methods, datasets (name:split), limit, dtype, attn."""
+    import yaml
+
+    from harness.runner import expand_grid
+
+    try:
+        spec = yaml.safe_load(config.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{config}: not valid YAML ({err})") from None
+    known = {"models", "model", "methods", "datasets", "limit", "dtype", "attn", "decode"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ValueError(f"{config}: unknown keys {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    models = spec.get("models") or [spec.get("model", DEFAULT_MODEL)]
+    if not spec.get("methods") or not spec.get("datasets"):
+        raise ValueError(f"{config}: a grid needs 'methods' and 'datasets' lists")
+    cells = expand_grid(models, spec["methods"], spec["datasets"], limit=spec.get("limit"),
+                        dtype=spec.get("dtype", "fp32"), attn=spec.get("attn", "sdpa"),
+                        decode=spec.get("decode", "template"))
+    _run_and_report(cells, out or Path("runs") / config.stem, data_root, device, fmt)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True)
+@friendly
+def table(run_dir, fmt) -> None:
+    """Table of a run folder (finished cells; missing or incomplete cells are marked)."""
+    from harness.report import format_table
+    from harness.runner import load_run
+
+    if not run_dir.exists():
+        raise ValueError(f"run folder {run_dir} does not exist")
+    click.echo(format_table(load_run(run_dir), fmt))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def methods(as_json) -> None:
+    """Every registered method with its stage, parameters, defaults and citation."""
+    from harness.method import METHODS, describe_params
+
+    entries = []
+    for name, cls in sorted(METHODS.items()):
+        params = [{"name": p.name, "type": p.type_name, "default": p.default, "help": p.help}
+                  for p in describe_params(cls)]
+        entries.append({"name": name, "stage": cls.stage, "position_policy": cls.position_policy,
+                        "citation": cls.citation, "deviations": cls.deviations, "params": params})
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, default=str))
+        return
+    for e in entries:
+        click.echo(f"{e['name']}  [{e['stage']}, positions: {e['position_policy']}]  {e['citation']}")
+        for p in e["params"]:
+            click.echo(f"    {p['name']}: {p['type']} = {p['default']!r}  {p['help']}")
+        if e["deviations"]:
+            click.echo(f"    deviations: {e['deviations']}")
+
+
+@main.command()
+@click.argument("arch", required=False)
+@click.option("--model", default=None, help="use a loadable model's architecture instead of a named one")
+@click.option("--text-tokens", type=int, default=62, show_default=True,
+              help="non-image tokens (system prompt, query, answer); 62 reproduces LVLM_CSP Table 6")
+@click.option("--method", default=None, help="a method whose token schedule does not depend on the input")
+@click.option("--schedule", default=None, help="image tokens per LLM layer, e.g. '256x2,128x30'")
+@click.option("--image-tokens", type=int, default=None, help="image tokens in every layer (e.g. PSALM: N)")
+@friendly
+def flops(arch, model, text_tokens, method, schedule, image_tokens) -> None:
+    """Analytic FLOPs of a named architecture (no weights needed), per component and convention."""
+    from tabulate import tabulate
+
+    from harness.archs import ARCHS
+    from harness.flops import COMPONENTS, CONVENTIONS, Arch, compute_flops, schedule_ledger
+    from harness.method import ModelInfo, create_method
+
+    if model:
+        from harness.model import load_model
+
+        a = Arch.from_model(load_model(model))
+    elif arch:
+        a = Arch.named(arch)
+    else:
+        raise ValueError(f"name an architecture ({', '.join(ARCHS)}) or pass --model")
+    n_layers = a.llm["num_hidden_layers"]
+    n_img = a.n_image_tokens if a.vision is not None else (image_tokens or 0)
+    if image_tokens is not None:
+        n_img = image_tokens
+    sched = [n_img] * n_layers
+    if schedule:
+        sched = _parse_schedule(schedule)
+    elif method:
+        m = create_method(method)
+        d, h, kv, hd, inter, _ = a.llm_dims
+        info = ModelInfo(n_layers=n_layers, n_image_tokens=n_img, grid=(int(n_img**0.5),) * 2, hidden_size=d,
+                         n_heads=h, n_kv_heads=kv, head_dim=hd, intermediate_size=inter,
+                         vision_layers=a.vision_layers_run, vision_hidden_size=(a.vision or {}).get("hidden_size", 0))
+        m.bind(info)
+        sched = m.image_schedule(info)
+        if sched is None:
+            raise ValueError(f"{m.name} chooses its token count per input; run it on a model to get its FLOPs")
+    ledger = schedule_ledger(a, text_tokens, sched, vision_tokens=a.n_image_tokens if a.vision else None)
+    rows = []
+    for conv in CONVENTIONS:
+        f = compute_flops(a, ledger, conv)
+        rows.append([conv] + [f"{f[c] / 1e9:,.2f}" for c in (*COMPONENTS, "total")])
+    click.echo(f"{a.name}: {n_layers} LLM layers, {text_tokens} text tokens, "
+               f"N_avg {sum(sched) / len(sched):.1f} image tokens per layer (GFLOPs)")
+    click.echo(tabulate(rows, headers=["convention", *COMPONENTS, "total"], stralign="right", disable_numparse=True))
+
+
+def _parse_schedule(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        count, _, times = part.strip().partition("x")
+        try:
+            out += [int(count)] * int(times or 1)
+        except ValueError:
+            raise ValueError(f"cannot parse schedule part {part!r}; write e.g. '256x2,128x30'") from None
+    return out
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--repeats", type=int, default=20, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--device", default=None)
+@click.option("--method", "drop", default="random:k=2,ratio=0.75", show_default=True,
+              help="pruning condition compared with the unpruned loop")
+@friendly
+def bench(model, repeats, warmup, device, drop) -> None:
+    """Interleaved timing: our loop vs the stock forward, and a pruned run vs its FLOPs-ideal speedup."""
+    from harness.bench import bench_llm
+
+    click.echo(bench_llm(model, drop=drop, repeats=repeats, warmup=warmup, device=device))
+
+
+@main.command()
+@friendly
+def doctor() -> None:
+    """Check the installation: torch/torchvision ops, transformers, ultralytics, bundled assets, a tiny forward."""
+    from harness.doctor import checks
+
+    ok = True
+    for name, passed, detail in checks():
+        ok &= passed
+        click.echo(f"[{'ok' if passed else 'FAIL'}] {name}: {detail}")
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
