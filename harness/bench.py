@@ -7,7 +7,7 @@ import torch
 from harness.datasets import load_dataset
 from harness.engine import Context, assemble, run_llm, run_vision, sample_rng
 from harness.flops import Arch, llm_flops
-from harness.latency import Stopwatch, interleaved
+from harness.latency import Stopwatch, interleaved, peak_memory_bytes, process_max_rss_bytes
 from harness.ledger import Ledger
 from harness.method import create_method
 from harness.model import load_model
@@ -56,12 +56,17 @@ def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: 
     med = {k: v["llm"]["median"] for k, v in res.items()}
     ideal = f_none / f_pruned
     measured = med["loop"] / med["pruned"]
-    lines = [f"model {model_name} on {model.device} ({torch.get_num_threads()} threads), {len(state0)} tokens, "
-             f"{state0.n_image} image tokens; {repeats} interleaved repeats after {warmup} warm-up",
-             f"{'condition':<28}{'median ms':>10}{'p90 ms':>10}"]
+    dtype = str(model.dtype).replace("torch.", "")
+    lines = [f"model {model_name} on {model.device}, {dtype}, attention {model.attn_implementation}, "
+             f"{torch.get_num_threads()} threads; {len(state0)} tokens, {state0.n_image} image tokens; "
+             f"{repeats} interleaved repeats after {warmup} warm-up",
+             f"{'condition':<44}{'median ms':>10}{'p90 ms':>10}"]
     for name, label in (("stock", "stock LlamaModel.forward"), ("loop", "segprune loop, no method"),
                         ("pruned", f"segprune loop, {pruned.spec()}")):
-        lines.append(f"{label[:28]:<28}{med[name] * 1e3:>10.2f}{res[name]['llm']['p90'] * 1e3:>10.2f}")
+        lines.append(f"{label:<44}{med[name] * 1e3:>10.2f}{res[name]['llm']['p90'] * 1e3:>10.2f}")
+    peak = peak_memory_bytes(model.device)
+    lines.append(f"peak memory: {peak / 2**20:.0f} MiB on {model.device}" if peak is not None else
+                 f"peak memory: process max RSS {process_max_rss_bytes() / 2**20:.0f} MiB (CPU)")
     lines.append(f"loop / stock: {med['loop'] / med['stock']:.3f}x (target <= 1.05)")
     lines.append(f"pruned speedup: measured {measured:.2f}x, FLOPs-ideal {ideal:.2f}x, realised "
                  f"{measured / ideal:.2f} of ideal (target >= 0.8)")

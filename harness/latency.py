@@ -73,8 +73,20 @@ def interleaved(conditions: dict[str, Callable[[], dict[str, float]]], *, warmup
     return {k: {stage: summarize(v) for stage, v in st.items()} for k, st in samples.items()}
 
 
+def reset_peak_memory(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_bytes(device: torch.device | str) -> int | None:
-    """Peak allocated memory on a CUDA device since the last reset (None on CPU)."""
+    """Peak allocated memory on a CUDA device since the last reset (None on CPU, where only the process's
+    maximum resident set size is meaningful: see `process_max_rss_bytes`)."""
     if torch.device(device).type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
+
+
+def process_max_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

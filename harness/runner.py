@@ -28,7 +28,7 @@ import torch
 
 import harness
 from harness.flops import Arch, compute_flops
-from harness.latency import Stopwatch
+from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
 from harness.method import create_method
 from harness.metrics import aggregate, intersection_union, sample_iou
 
@@ -163,6 +163,7 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
             if s.id in done:
                 continue
             prep, emb, cached = cache.get(s.image_id, s.image)
+            reset_peak_memory(model.device)
             r = model.segment(None, s.query, method, is_sentence=s.is_sentence, sample_key=s.id, prepared=prep,
                               image_embeddings=emb, stopwatch=watch)
             inter, union = intersection_union(r.mask, s.mask)
@@ -175,7 +176,7 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
                 "image_tokens_per_layer": r.trace.image_tokens_per_layer,
                 "tokens_per_layer": r.trace.tokens_per_layer, "kept_patches": _segments(r.trace.kept_patches),
                 "flops": r.flops, "llm_flops": {c: compute_flops(arch, r.ledger, c)["llm"] for c in ("csp", "routing")},
-                "latency_s": latency, "mask_rle": _rle(r.mask),
+                "latency_s": latency, "peak_mem_bytes": peak_memory_bytes(model.device), "mask_rle": _rle(r.mask),
             }
             f.write(json.dumps(rec) + "\n")  # one complete line per write, flushed: never a partial record
             f.flush()

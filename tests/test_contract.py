@@ -70,7 +70,7 @@ def test_light_ffn_path_matches_hooked_stock_layers(tiny, image):
     assert (ours.seg_hidden - stock[:, src]).abs().max() <= TOL
     assert (ours.seg_hidden - baseline(tiny, image)).abs().max() > 1e-4
     rec = ours.ledger.layers[0]
-    assert rec.n_ffn == len(state) - len(light) and rec.light == [(len(light), 128, 8), (len(light), 8, 128)]
+    assert rec.n_ffn == len(state) - len(light) and rec.light == [(len(light), 256, 8), (len(light), 8, 256)]
 
 
 def test_keep_everything_settings_equal_baseline(tiny, image):
