@@ -45,11 +45,11 @@ def _progress(total: int, label: str) -> Any:
                 disable=None)  # disable=None: off when stderr is not a terminal (CI logs)
 
 
-def _run_and_report(cells: list, out: Path, data_root: str | None, device: str | None, fmt: str) -> None:
+def _run_and_report(cells: list, out: Path, device: str | None, fmt: str) -> None:
     from harness.report import format_table
     from harness.runner import run_grid
 
-    rows = run_grid(cells, out, data_root=data_root, device=device, progress_factory=_progress)
+    rows = run_grid(cells, out, device=device, progress_factory=_progress)
     click.echo(format_table(rows, fmt))
     click.echo(f"\nrun folder: {out}")
 
@@ -74,8 +74,9 @@ def run(models, methods, datasets, limit, out, data_root, device, dtype, attn, f
     """Run methods x datasets on a model and print the table (defaults: the tiny model, every method)."""
     from harness.runner import default_methods, default_run_dir, expand_grid
 
-    cells = expand_grid(models, methods or default_methods(), datasets, limit=limit, dtype=dtype, attn=attn)
-    _run_and_report(cells, out or default_run_dir(), data_root, device, fmt)
+    cells = expand_grid(models, methods or default_methods(), datasets, limit=limit, dtype=dtype, attn=attn,
+                        data_root=data_root)
+    _run_and_report(cells, out or default_run_dir(), device, fmt)
 
 
 @main.command()
@@ -105,8 +106,8 @@ def grid(config, out, data_root, device, fmt) -> None:
         raise ValueError(f"{config}: a grid needs 'methods' and 'datasets' lists")
     cells = expand_grid(models, spec["methods"], spec["datasets"], limit=spec.get("limit"),
                         dtype=spec.get("dtype", "fp32"), attn=spec.get("attn", "sdpa"),
-                        decode=spec.get("decode", "template"))
-    _run_and_report(cells, out or Path("runs") / config.stem, data_root, device, fmt)
+                        decode=spec.get("decode", "template"), data_root=data_root)
+    _run_and_report(cells, out or Path("runs") / config.stem, device, fmt)
 
 
 @main.command()
@@ -150,8 +151,9 @@ def methods(as_json) -> None:
 @main.command()
 @click.argument("arch", required=False)
 @click.option("--model", default=None, help="use a loadable model's architecture instead of a named one")
-@click.option("--text-tokens", type=int, default=62, show_default=True,
-              help="non-image tokens (system prompt, query, answer); 62 reproduces LVLM_CSP Table 6")
+@click.option("--text-tokens", type=int, default=None,
+              help="non-image tokens (system prompt, query, answer); default 62 for named architectures (it "
+                   "reproduces LVLM_CSP Table 6), the LISA prompt's length for --model")
 @click.option("--method", default=None, help="a method whose token schedule does not depend on the input")
 @click.option("--schedule", default=None, help="image tokens per LLM layer, e.g. '256x2,128x30'")
 @click.option("--image-tokens", type=int, default=None, help="image tokens in every layer (e.g. PSALM: N)")
@@ -167,11 +169,15 @@ def flops(arch, model, text_tokens, method, schedule, image_tokens) -> None:
     if model:
         from harness.model import load_model
 
-        a = Arch.from_model(load_model(model))
+        loaded = load_model(model)
+        a = Arch.from_model(loaded)
+        if text_tokens is None:
+            text_tokens = sum(len(p) for p in loaded.prompt_ids("the object"))
     elif arch:
         a = Arch.named(arch)
     else:
         raise ValueError(f"name an architecture ({', '.join(ARCHS)}) or pass --model")
+    text_tokens = 62 if text_tokens is None else text_tokens
     n_layers = a.llm["num_hidden_layers"]
     n_img = a.n_image_tokens if a.vision is not None else (image_tokens or 0)
     if image_tokens is not None:

@@ -170,17 +170,16 @@ def run_llm(model: SegModel, state: TokenState, method: Method, ctx: Context) ->
     lm = model.language_model
     fire_before, fire_ffn = method.overrides("before_layer"), method.overrides("ffn")
     needs_mask = lm.config._attn_implementation not in CAUSAL_BACKENDS
-    pos = rope = mask = None
+    rope = mask = rows_src = None
     patches: list[int] = []
     patch_src = None
     for i, layer in enumerate(lm.layers):
         if fire_before:
             state = method.before_layer(i, state, ctx)
         h = state.hidden
-        new_pos = ctx.positions(state)
-        if new_pos is not pos:  # RoPE and mask only change when the rows change
-            pos = new_pos
-            rope = lm.rotary_emb(h, pos[None])
+        if state.index is not rows_src:  # RoPE and mask only change when the rows change
+            rows_src = state.index
+            rope = lm.rotary_emb(h, ctx.positions(state)[None])
             mask = causal_mask(h.shape[1], h.dtype, h.device) if needs_mask else None
         if state.patch is not patch_src:
             patch_src = state.patch

@@ -59,12 +59,21 @@ class Arch:
 
     @classmethod
     def from_model(cls, model: SegModel) -> Arch:
+        """Dimensions read from the live transformers configs (so library defaults are resolved)."""
+        lc, vc = model.language_model.config, model.vision_tower.config
+        llm = {k: getattr(lc, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads")}
+        llm["head_dim"] = getattr(lc, "head_dim", None) or lc.hidden_size // lc.num_attention_heads
+        vision = {k: getattr(vc, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "image_size",
+                                              "patch_size")}
+        sam = None
+        if model.sam is not None:
+            sc = model.sam.config
+            sam = {"vision": sc.vision_config.to_dict(), "prompt": sc.prompt_encoder_config.to_dict(),
+                   "decoder": sc.mask_decoder_config.to_dict()}
         c = model.config
-        llm = dict(c.llm)
-        llm.setdefault("num_key_value_heads", model.language_model.config.num_key_value_heads)
-        return cls.from_config(c.name or "model", {"vision": c.vision, "llm": llm, "sam": c.sam,
-                                                  "projector": c.projector, "seg_out_dim": c.seg_out_dim},
-                               c.vision_feature_layer)
+        return cls.from_config(c.name or "model", {"vision": vision, "llm": llm, "sam": sam, "projector": c.projector,
+                                                  "seg_out_dim": c.seg_out_dim}, c.vision_feature_layer)
 
     # -- derived dimensions -------------------------------------------------------------------------------------
     @property
@@ -159,14 +168,14 @@ def mask_decoder_macs(arch: Arch, prompts: int) -> int:
 
 
 def llm_flops(arch: Arch, layers: list[LayerRecord], convention: str = "exact") -> int:
-    d, _, _, _, m, _ = arch.llm_dims
+    d, _, _, _, m, mats = arch.llm_dims
     total = 0
     for r in layers:
         light = sum(a * b * c for a, b, c in r.light)
         if convention == "exact":
             total += 2 * llm_layer_macs(arch, r)
         elif convention == "csp":  # LVLM_CSP eq. 11 (x2, see module docstring)
-            total += 2 * (4 * r.n * d * d + 2 * r.n * r.n * d + 3 * r.n_ffn * d * m + light)
+            total += 2 * (4 * r.n * d * d + 2 * r.n * r.n * d + mats * r.n_ffn * d * m + light)  # mats = 3 (LLaMA)
         elif convention == "routing":  # Token Routing: 6ND^2 + 4N^2D + 2ND^2 + 16ND^2
             total += 8 * r.n * d * d + 4 * r.n * r.n * d + 16 * r.n_ffn * d * d + 2 * light
         else:
@@ -200,7 +209,7 @@ def schedule_ledger(arch: Arch, text_tokens: int, image_per_layer: list[int] | N
     if arch.vision is not None:
         led.vision_tokens = (vision_tokens or n_img) + 1
         led.vision_layers = arch.vision_layers_run
-        led.projector_tokens = sched[0] if sched else n_img
+        led.projector_tokens = max(sched, default=n_img)  # methods that hold tokens back still project them all
     if arch.sam is not None:
         led.sam_images, led.seg_prompts = 1, 1
     return led

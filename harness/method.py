@@ -202,6 +202,11 @@ def _coerce(name: str, value: Any, ann: Any, method: str) -> Any:
         if isinstance(value, bool):
             return value
         raise bad
+    if isinstance(value, str) and ann in (int, float):  # YAML reads "5e-05" as a string
+        try:
+            value = ann(value)
+        except ValueError:
+            raise bad from None
     if ann is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
             raise bad
@@ -222,7 +227,7 @@ def _format_value(v: Any) -> str:
         return "true" if v else "false"
     if v is None:
         return "null"
-    return str(v)
+    return repr(v) if isinstance(v, float) else str(v)
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:

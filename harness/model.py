@@ -183,9 +183,9 @@ class SegModel(nn.Module):
         """
         key = (query, is_sentence)
         if key not in self._prompt_cache:
-            q = query.strip()
+            q = query.strip()  # loaders apply their dataset's casing (LISA lower-cases RefCOCO sentences only)
             ask = f"{q} Please output segmentation mask." if is_sentence else \
-                f"What is {q.lower()} in this image? Please output segmentation mask."
+                f"What is {q} in this image? Please output segmentation mask."
             start, end = ("<im_start>", "<im_end>") if self.config.use_mm_start_end else ("", "")
             pre = f"{SYSTEM_PROMPT} USER: {start}"
             post = f"{end}\n {ask} ASSISTANT: [SEG].</s>"
@@ -216,8 +216,9 @@ class SegModel(nn.Module):
         Returns mask logits (H, W) at the original image size.
         """
         sam = self.sam
-        if not hasattr(self, "_sam_pe"):
-            self._sam_pe = sam.get_image_wide_positional_embeddings()  # fixed per model: computed once
+        key = (image_embeddings.device, image_embeddings.dtype)
+        if getattr(self, "_sam_pe_key", None) != key:  # fixed per model, device and dtype: computed once
+            self._sam_pe, self._sam_pe_key = sam.get_image_wide_positional_embeddings().to(key[1]), key
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(image_embeddings)
         low, _ = sam.mask_decoder(image_embeddings=image_embeddings, image_positional_embeddings=self._sam_pe,
                                   sparse_prompt_embeddings=seg_embedding.reshape(1, 1, 1, -1).to(dense.dtype),

@@ -8,7 +8,8 @@ from typing import Any
 from tabulate import tabulate
 
 COLUMNS = [("method", "method"), ("data", "dataset:split"), ("n", "n"), ("giou", "gIoU"), ("ciou", "cIoU"),
-           ("n_avg", "N_avg"), ("tflops", "TFLOPs (exact)"), ("llm_tflops", "LLM TFLOPs"), ("llm_ms", "LLM ms")]
+           ("n_avg", "N_avg"), ("tflops", "TFLOPs (exact)"), ("llm_tflops", "LLM TFLOPs"),
+           ("llm_total_ms", "LLM ms (+scoring)")]
 
 
 def _fmt(v: Any, digits: int) -> str:
@@ -25,6 +26,6 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "text") -> str:
         method = r["spec"] if r["spec"] != r["method"] else r["method"]
         out.append([method + (f" ({status})" if status else ""), f"{r['dataset']}:{r['split']}", r.get("n", 0),
                     _fmt(r.get("giou"), 4), _fmt(r.get("ciou"), 4), _fmt(r.get("n_avg"), 1),
-                    _fmt(r.get("tflops"), 5), _fmt(r.get("llm_tflops"), 5), _fmt(r.get("llm_ms"), 1)])
+                    _fmt(r.get("tflops"), 5), _fmt(r.get("llm_tflops"), 5), _fmt(r.get("llm_total_ms"), 1)])
     return tabulate(out, headers=[h for _, h in COLUMNS], tablefmt="github" if fmt == "markdown" else "simple",
                     disable_numparse=True)

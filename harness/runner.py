@@ -19,7 +19,7 @@ import os
 import platform
 import subprocess
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,16 @@ class Cell:
     dataset: str
     split: str
     decode: str = "template"
-    limit: int | None = None
+    limit: int | None = None  # not part of the id: a larger limit resumes the same cell
     dtype: str = "fp32"
     attn: str = "sdpa"
+    data_root: str | None = None
+    model_fingerprint: str = ""  # hash of the model's configuration and weights, filled in before running
 
     @property
     def id(self) -> str:
-        blob = json.dumps({**asdict(self), "harness": harness.__version__}, sort_keys=True)
+        content = {k: v for k, v in asdict(self).items() if k != "limit"}
+        blob = json.dumps({**content, "harness": harness.__version__}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -55,7 +58,8 @@ class Cell:
 
 
 def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterable[str], *, limit: int | None = None,
-                dtype: str = "fp32", attn: str = "sdpa", decode: str = "template") -> list[Cell]:
+                dtype: str = "fp32", attn: str = "sdpa", decode: str = "template",
+                data_root: str | None = None) -> list[Cell]:
     """Cells for every model x method x dataset ("name:split"); method specs are resolved and validated first."""
     if decode != "template":
         raise ValueError(f"decode mode {decode!r} is not available yet; use 'template' (LISA's evaluation)")
@@ -66,7 +70,7 @@ def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterabl
             name, _, split = ds.partition(":")
             for spec in resolved:
                 cells.append(Cell(model=str(model), method=spec, dataset=name, split=split or "val", decode=decode,
-                                  limit=limit, dtype=dtype, attn=attn))
+                                  limit=limit, dtype=dtype, attn=attn, data_root=data_root))
     return cells
 
 
@@ -75,13 +79,16 @@ def environment(model: Any = None) -> dict[str, Any]:
     import transformers
 
     src = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip() or "unknown"
-        dirty = bool(subprocess.run(["git", "-C", str(src), "status", "--porcelain"], capture_output=True, text=True,
-                                    timeout=5).stdout.strip())
+    commit, dirty = "unknown (not a source checkout)", False
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=5).stdout.strip()
+
+    try:  # only trust git when the package is the checkout's own harness/ (not an unrelated enclosing repo)
+        if git("rev-parse", "--show-toplevel") and Path(git("rev-parse", "--show-toplevel")).resolve() == src.parent:
+            commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
     except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown", False
+        pass
     env = {
         "harness": harness.__version__, "git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
@@ -110,38 +117,59 @@ def _segments(per_layer: list[list[int]]) -> list[list[Any]]:
     return out
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Complete records of a cell file; a torn last line (killed mid-write) is dropped from the file."""
+def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Complete records of a cell file, one per sample id (first wins).
+
+    A torn last line (a process killed mid-write) is ignored, and with `repair` cut off the file so appends stay
+    valid JSONL; a corrupt line elsewhere is an error naming the file and line.
+    """
     if not path.exists():
         return []
     raw = path.read_bytes()
     end = raw.rfind(b"\n") + 1
-    if end < len(raw):  # truncate a partial trailing line so appends stay valid JSONL
+    if repair and end < len(raw):
         with path.open("r+b") as f:
             f.truncate(end)
-    return [json.loads(line) for line in raw[:end].decode().splitlines() if line.strip()]
+    records, seen = [], set()
+    for k, line in enumerate(raw[:end].decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{k} is not a valid record; delete that line to rerun the sample") from None
+        if rec["sample_id"] not in seen:
+            seen.add(rec["sample_id"])
+            records.append(rec)
+    return records
 
 
 class ImageCache:
-    """Per-image preprocessing and SAM image embeddings, reused by every cell and query of a run (small LRU)."""
+    """Per-image preprocessing and SAM image embeddings, shared by the cells and queries of a run (small LRU).
+
+    `get` returns the seconds the SAM encoder took when it ran (cache miss), None on a hit.
+    """
 
     def __init__(self, model: Any, size: int = 64):
         self.model, self.size = model, size
-        self._items: dict[str, tuple[Any, Any]] = {}
+        self._items: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._watch = Stopwatch(model.device)
 
-    def get(self, image_id: str, image: Any) -> tuple[Any, Any, bool]:
-        hit = image_id in self._items
-        if not hit:
-            prep = self.model.prepare(image)
-            emb = None
-            if self.model.sam is not None:
-                with torch.inference_mode():
-                    emb = self.model.sam_image_embeddings(prep.sam_pixels)
-            if len(self._items) >= self.size:
-                self._items.pop(next(iter(self._items)))
-            self._items[image_id] = (prep, emb)
-        prep, emb = self._items[image_id]
-        return prep, emb, hit
+    def get(self, key: tuple[str, ...], image: Any) -> tuple[Any, Any, float | None]:
+        if key in self._items:
+            prep, emb = self._items[key]
+            return prep, emb, None
+        prep = self.model.prepare(image)
+        emb, seconds = None, None
+        if self.model.sam is not None:
+            self._watch.last = {}
+            with torch.inference_mode(), self._watch("sam_encoder"):
+                emb = self.model.sam_image_embeddings(prep.sam_pixels)
+            seconds = self._watch.last["sam_encoder"]
+        if len(self._items) >= self.size:
+            self._items.pop(next(iter(self._items)))
+        self._items[key] = (prep, emb)
+        return prep, emb, seconds
 
 
 def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache: ImageCache | None = None,
@@ -149,10 +177,10 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
     """Run the unfinished samples of one cell, appending one flushed JSON line per sample."""
     cells_dir = out_dir / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    (cells_dir / f"{cell.id}.json").write_text(json.dumps({**asdict(cell), "id": cell.id, "expected": len(samples)},
-                                                          indent=2))
+    meta = {**asdict(cell), "id": cell.id, "expected": len(samples), "environment": environment(model)}
+    (cells_dir / f"{cell.id}.json").write_text(json.dumps(meta, indent=2))
     path = cells_dir / f"{cell.id}.jsonl"
-    records = read_records(path)
+    records = read_records(path, repair=True)
     done = {r["sample_id"] for r in records}
     method = create_method(cell.method)
     arch = Arch.from_model(model)
@@ -162,14 +190,15 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
         for s in samples:
             if s.id in done:
                 continue
-            prep, emb, cached = cache.get(s.image_id, s.image)
             reset_peak_memory(model.device)
+            prep, emb, sam_seconds = cache.get((cell.dataset, cell.split, s.image_id), s.image)
             r = model.segment(None, s.query, method, is_sentence=s.is_sentence, sample_key=s.id, prepared=prep,
                               image_embeddings=emb, stopwatch=watch)
             inter, union = intersection_union(r.mask, s.mask)
             latency = dict(r.latency)
-            if cached:  # the SAM encoder did not run for this sample: do not report a fake zero
-                latency.pop("sam_encoder", None)
+            latency.pop("sam_encoder", None)  # measured in the cache when it ran; absent when it was reused
+            if sam_seconds is not None:
+                latency["sam_encoder"] = sam_seconds
             rec = {
                 "sample_id": s.id, "image_id": s.image_id, "query": s.query, "intersection": inter, "union": union,
                 "iou": sample_iou(inter, union), "n_avg": r.trace.n_avg,
@@ -181,6 +210,7 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
             f.write(json.dumps(rec) + "\n")  # one complete line per write, flushed: never a partial record
             f.flush()
             records.append(rec)
+            done.add(s.id)
             if progress:
                 progress(1)
     return records
@@ -197,52 +227,77 @@ def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | No
         row["llm_tflops"] = float(np.mean([r["flops"]["llm"] for r in records])) / 1e12
         for conv in ("csp", "routing"):
             row[f"llm_tflops_{conv}"] = float(np.mean([r["llm_flops"][conv] for r in records])) / 1e12
-        for stage in ("vision", "method", "llm", "sam_encoder", "mask_decoder"):
+        for stage in ("vision", "method", "projector", "llm", "sam_encoder", "mask_decoder"):
             vals = [r["latency_s"][stage] for r in records if stage in r["latency_s"]]
             row[f"{stage}_ms"] = float(np.median(vals)) * 1e3 if vals else float("nan")
+        # the LLM stage as papers report it (T_LVLM): the loop plus the method's scoring inside it
+        row["llm_total_ms"] = float(np.median([r["latency_s"]["llm"] + r["latency_s"].get("method", 0.0)
+                                               for r in records])) * 1e3
     return row
 
 
-def run_grid(cells: list[Cell], out_dir: str | Path, *, data_root: str | None = None, device: str | None = None,
+def _merge_config(out_dir: Path, cells: list[Cell]) -> None:
+    """Add `cells` to the run's config.json (cells of earlier commands into the same folder are kept)."""
+    path = out_dir / "config.json"
+    known = json.loads(path.read_text())["cells"] if path.is_file() else []
+    ids = {c["id"] for c in known}
+    known += [{**asdict(c), "id": c.id} for c in cells if c.id not in ids]
+    path.write_text(json.dumps({"harness": harness.__version__, "cells": known}, indent=2))
+
+
+def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[Cell], dict, dict]:
+    """Load every model and dataset and bind every method before anything runs, so a bad cell fails first.
+
+    Returns the cells with their model fingerprints, the models and the datasets.
+    """
+    models: dict[tuple[str, str, str], Any] = {}
+    datasets: dict[tuple[str, str, str | None, int | None], list[Any]] = {}
+    ready = []
+    for cell in cells:
+        key = (cell.model, cell.dtype, cell.attn)
+        if key not in models:
+            model = harness.load_model(cell.model, device=device, dtype=cell.dtype, attn_implementation=cell.attn)
+            if model.sam is None:
+                raise ValueError(f"{cell.model} has no mask decoder (SAM); `run` needs a segmentation model "
+                                 f"(its FLOPs are available with `segprune flops`)")
+            models[key] = model
+        dkey = (cell.dataset, cell.split, cell.data_root, cell.limit)
+        if dkey not in datasets:
+            datasets[dkey] = harness.load_dataset(cell.dataset, cell.split, root=cell.data_root, limit=cell.limit)
+        create_method(cell.method).bind(models[key].info)
+        ready.append(replace(cell, model_fingerprint=models[key].fingerprint()))
+    return ready, models, datasets
+
+
+def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = None,
              progress_factory: Callable[[int, str], Any] | None = None) -> list[dict[str, Any]]:
     """Run every cell (resuming finished samples) and write config, environment and summary into `out_dir`."""
     import pandas as pd
 
+    cells, models, datasets = prepare_grid(cells, device=device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps({"cells": [{**asdict(c), "id": c.id} for c in cells],
-                                                     "data_root": data_root}, indent=2))
+    _merge_config(out_dir, cells)
+    (out_dir / "environment.json").write_text(json.dumps(environment(next(iter(models.values()))), indent=2))
+    caches = {key: ImageCache(model) for key, model in models.items()}
     rows: list[dict[str, Any]] = []
-    models: dict[tuple[str, str, str], Any] = {}
-    datasets: dict[tuple[str, str, int | None], list[Any]] = {}
-    caches: dict[tuple[str, str, str], ImageCache] = {}
-    env_written = False
     try:
         for cell in cells:
             key = (cell.model, cell.dtype, cell.attn)
-            if key not in models:
-                models[key] = harness.load_model(cell.model, device=device, dtype=cell.dtype,
-                                                 attn_implementation=cell.attn)
-                caches[key] = ImageCache(models[key])
-            model = models[key]
-            if not env_written:
-                (out_dir / "environment.json").write_text(json.dumps(environment(model), indent=2))
-                env_written = True
-            dkey = (cell.dataset, cell.split, cell.limit)
-            if dkey not in datasets:
-                datasets[dkey] = harness.load_dataset(cell.dataset, cell.split, root=data_root, limit=cell.limit)
-            samples = datasets[dkey]
+            samples = datasets[(cell.dataset, cell.split, cell.data_root, cell.limit)]
             bar = progress_factory(len(samples), f"{cell.method} {cell.dataset}:{cell.split}") \
                 if progress_factory else None
             try:
                 if bar is not None:
-                    bar.update(len(read_records(out_dir / "cells" / f"{cell.id}.jsonl")))
-                records = run_cell(model, cell, samples, out_dir, cache=caches[key],
+                    ids = {s.id for s in samples}
+                    bar.update(sum(r["sample_id"] in ids for r in read_records(out_dir / "cells" / f"{cell.id}.jsonl")))
+                records = run_cell(models[key], cell, samples, out_dir, cache=caches[key],
                                    progress=bar.update if bar is not None else None)
             finally:
                 if bar is not None:
                     bar.close()
-            rows.append(summarize_cell(cell, records, len(samples)))
+            ids = {s.id for s in samples}
+            rows.append(summarize_cell(cell, [r for r in records if r["sample_id"] in ids], len(samples)))
     finally:
         if rows:
             pd.DataFrame(rows).to_csv(out_dir / "summary.csv", index=False)
@@ -260,12 +315,15 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
     cfg = json.loads(cfg_path.read_text())
     rows = []
     for c in cfg["cells"]:
-        c = {k: v for k, v in c.items() if k != "id"}
-        cell = Cell(**c)
-        records = read_records(run_dir / "cells" / f"{cell.id}.jsonl")
-        meta = run_dir / "cells" / f"{cell.id}.json"
+        cid = c["id"]  # the stored id: valid even after a harness upgrade changed how ids are computed
+        cell = Cell(**{k: v for k, v in c.items() if k in Cell.__dataclass_fields__})
+        records = read_records(run_dir / "cells" / f"{cid}.jsonl")
+        meta = run_dir / "cells" / f"{cid}.json"
         expected = json.loads(meta.read_text()).get("expected") if meta.is_file() else cell.limit
+        if expected is not None:
+            records = records[:expected]  # records are in dataset order; a smaller limit shows its prefix
         row = summarize_cell(cell, records, expected)
+        row["cell"] = cid
         row["missing"] = not records
         rows.append(row)
     return rows

@@ -62,9 +62,11 @@ class TokenState:
     def seg_source_row(self) -> int:
         """Row whose final hidden state is LISA's [SEG] embedding: the token *before* the first [SEG]."""
         seg = self.row_of(Kind.SEG)
-        assert seg.numel() > 0 and int(seg[0]) > 0, "sequence has no [SEG] token with a predecessor"
+        if seg.numel() == 0 or int(seg[0]) == 0:
+            raise RuntimeError("the sequence has no [SEG] token with a predecessor: a method dropped text tokens")
         src = int(seg[0]) - 1
-        assert int(self.index[src]) == int(self.index[seg[0]]) - 1, "the token before [SEG] was dropped"
+        if int(self.index[src]) != int(self.index[seg[0]]) - 1:
+            raise RuntimeError("the token before [SEG] was dropped; methods may only drop image tokens")
         return src
 
     def select(self, rows: Tensor) -> TokenState:

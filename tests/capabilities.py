@@ -76,6 +76,19 @@ class DropAtK(Method):
         return state
 
 
+@register("test-drop-reindex")
+class DropAtKReindex(DropAtK):
+    """DropAtK with PyramidDrop-style positions: rows are renumbered 0..n-1 after the drop.
+
+    Args:
+        k: layer before which tokens are dropped (>= 1).
+        keep: image tokens kept (-1 keeps all).
+    """
+
+    position_policy = "reindex"
+    citation = "contract test: drop with re-indexed positions"
+
+
 @register("test-hold")
 class HoldBack(Method):
     """Hold the image tokens with odd patch index back before layer 0 and re-insert them before layer `at`.

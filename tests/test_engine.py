@@ -43,6 +43,73 @@ def test_attention_rows_match_eager_output_attentions(tiny_eager, image):
     assert (ours - ref).abs().max() <= 1e-6
 
 
+def test_attention_rows_after_a_drop_match_a_masked_eager_run(tiny_eager, image):
+    """Gappy original positions after a drop: the recomputed rows equal eager attention of the full-length sequence
+    whose 4-D mask hides the dropped keys (at the same original positions)."""
+    state = assembled_sequence(tiny_eager, image, QUERY, harness.create_method("none"))
+    img = state.image_rows
+    kept = state.keep_image(img[::4])
+    lm = tiny_eager.language_model
+    n = len(state)
+    present = torch.zeros(n, dtype=torch.bool)
+    present[kept.index] = True
+    allowed = torch.ones(n, n, dtype=torch.bool).tril() & present[None, :]
+    allowed |= torch.eye(n, dtype=torch.bool)
+    mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    layer = lm.layers[0]
+    with torch.inference_mode():
+        _, ref = layer.self_attn(hidden_states=layer.input_layernorm(state.hidden), attention_mask=mask,
+                                 position_embeddings=lm.rotary_emb(state.hidden, state.index[None]))
+        rows = torch.tensor([len(kept) - 1, 3])
+        ours = attention_rows(layer, lm.rotary_emb, kept.hidden, kept.index, rows, head_mean=False)
+    ref = ref[0][:, kept.index[rows]][:, :, kept.index]  # (H, r, kept keys)
+    assert (ours - ref).abs().max() <= 1e-6
+    no_rope = attention_rows(layer, lm.rotary_emb, kept.hidden, kept.index, rows, rope=False)
+    assert (no_rope - ours.mean(0)).abs().max() > 1e-4  # FEATHER-style scores without RoPE differ
+    subset = attention_rows(layer, lm.rotary_emb, kept.hidden, kept.index, rows[:1], keys=kept.image_rows)
+    assert subset.shape == (1, kept.n_image) and torch.allclose(subset.sum(-1), torch.ones(1))
+
+
+def test_lisa_prompt_template_tokens(tiny):
+    """LISA's llava_v1 evaluation prompt (reference A6) with <im_start><image><im_end> and the answer teacher-forced."""
+    pre, post = tiny.prompt_ids("the red square")
+    tok = tiny.tokenizer.convert_ids_to_tokens
+    text = " ".join(tok(pre) + ["<image>"] + tok(post))
+    assert text.startswith("<s> a chat between a curious human")
+    assert text.endswith("user : <im_start> <image> <im_end> what is the red square in this image ? "
+                         "please output segmentation mask . assistant : [seg] . </s>")
+    assert post.count(tiny.seg_token_id) == 1
+    sentence = tiny.tokenizer.convert_ids_to_tokens(tiny.prompt_ids("which shape is red?", is_sentence=True)[1])
+    assert "what" not in sentence and sentence[:6] == ["<im_end>", "which", "shape", "is", "red", "?"]
+
+
+def test_clip_features_are_the_penultimate_layer_without_cls(tiny, image):
+    from harness.engine import run_vision
+    from harness.ledger import Ledger
+
+    prep = tiny.prepare(image)
+    with torch.inference_mode():
+        stock = tiny.vision_tower(prep.clip_pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        ours = run_vision(tiny, prep.clip_pixels, Ledger()).patches
+    assert torch.equal(ours, stock)
+
+
+def test_mask_postprocessing_matches_sam_processor(tiny, image):
+    prep = tiny.prepare(image)
+    with torch.inference_mode():
+        emb = tiny.sam_image_embeddings(prep.sam_pixels)
+        seg = torch.randn(1, tiny.config.seg_out_dim)
+        ours = tiny.decode_mask(seg, emb, prep)
+        dense = tiny.sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(emb)
+        low, _ = tiny.sam.mask_decoder(image_embeddings=emb,
+                                       image_positional_embeddings=tiny.sam.get_image_wide_positional_embeddings(),
+                                       sparse_prompt_embeddings=seg.reshape(1, 1, 1, -1),
+                                       dense_prompt_embeddings=dense, multimask_output=False)
+        ref = tiny.sam_processor.post_process_masks(low, [prep.original_size], [prep.resized_size], binarize=False)
+    assert ours.shape == image.shape[:2]
+    assert (ours - ref[0][0, 0]).abs().max() <= 1e-5
+
+
 def test_hold_and_release_restore_order(tiny, image):
     state = assembled_sequence(tiny, image, QUERY, harness.create_method("none"))
     img = state.image_rows

@@ -28,7 +28,7 @@ def test_run_writes_records_and_resumes_without_recomputing(tmp_path, monkeypatc
         assert (tmp_path / name).is_file()
     env = json.loads((tmp_path / "environment.json").read_text())
     assert {"torch", "transformers", "git_commit", "device", "dtype", "attention", "model_fingerprint"} <= set(env)
-    rec = read_records(tmp_path / "cells" / f"{cells[1].id}.jsonl")[0]
+    rec = read_records(tmp_path / "cells" / f"{rows[1]['cell']}.jsonl")[0]
     assert rec["image_tokens_per_layer"] == [256, 256] + [64] * 6
     assert {"intersection", "union", "flops", "llm_flops", "latency_s", "mask_rle", "kept_patches"} <= set(rec)
 
@@ -42,8 +42,8 @@ def test_run_writes_records_and_resumes_without_recomputing(tmp_path, monkeypatc
 
 def test_torn_last_line_is_dropped_and_the_sample_rerun(tmp_path):
     cells = expand_grid(["random:tiny"], ["none"], ["toy:val"], limit=2)
-    run_grid(cells, tmp_path)
-    path = tmp_path / "cells" / f"{cells[0].id}.jsonl"
+    cid = run_grid(cells, tmp_path)[0]["cell"]
+    path = tmp_path / "cells" / f"{cid}.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed mid-write
     assert len(read_records(path)) == 1
@@ -127,8 +127,65 @@ def test_undecodable_image_is_a_readable_error(tmp_path, tiny):
         tiny.segment(bad, "the red square")
 
 
-def test_cell_round_trips_through_config(tmp_path):
+def test_cell_round_trips_through_config_and_ids_name_the_weights(tmp_path):
     cells = expand_grid(["random:tiny"], ["none"], ["toy:val"], limit=1)
-    run_grid(cells, tmp_path)
+    cid = run_grid(cells, tmp_path)[0]["cell"]
     saved = json.loads((tmp_path / "config.json").read_text())["cells"][0]
-    assert Cell(**{k: v for k, v in saved.items() if k != "id"}).id == saved["id"] == cells[0].id
+    assert Cell(**{k: v for k, v in saved.items() if k != "id"}).id == saved["id"] == cid
+    assert saved["model_fingerprint"] and cid != cells[0].id  # the id covers the weights, not only the name
+
+
+def test_second_command_into_the_same_folder_keeps_the_first_cells(tmp_path):
+    run_grid(expand_grid(["random:tiny"], ["none"], ["toy:val"], limit=1), tmp_path)
+    run_grid(expand_grid(["random:tiny"], ["downsample"], ["toy:val"], limit=1), tmp_path)
+    assert [r["method"] for r in load_run(tmp_path)] == ["none", "downsample"]
+
+
+def test_table_uses_stored_ids_after_a_version_change(tmp_path, monkeypatch):
+    run_grid(expand_grid(["random:tiny"], ["none"], ["toy:val"], limit=2), tmp_path)
+    monkeypatch.setattr(harness, "__version__", "99.0")
+    row = load_run(tmp_path)[0]
+    assert row["n"] == 2 and not row["missing"]
+
+
+def test_larger_limit_resumes_and_smaller_limit_shows_the_prefix(tmp_path):
+    first = run_grid(expand_grid(["random:tiny"], ["none"], ["toy:val"], limit=2), tmp_path)[0]
+    more = run_grid(expand_grid(["random:tiny"], ["none"], ["toy:val"], limit=3), tmp_path)[0]
+    assert first["cell"] == more["cell"] and more["n"] == 3
+    path = tmp_path / "cells" / f"{more['cell']}.jsonl"
+    assert len(path.read_text().splitlines()) == 3  # the first two were not recomputed
+    fewer = run_grid(expand_grid(["random:tiny"], ["none"], ["toy:val"], limit=1), tmp_path)[0]
+    assert fewer["n"] == 1
+
+
+def test_bad_cells_fail_before_anything_runs(tmp_path):
+    cells = expand_grid(["random:tiny"], ["none", "random:k=99"], ["toy:val"], limit=1)
+    with pytest.raises(ValueError, match="beyond the model"):
+        run_grid(cells, tmp_path)
+    assert not (tmp_path / "cells").exists()
+
+
+def test_models_without_a_mask_decoder_are_refused(tmp_path, monkeypatch):
+    import harness.runner as r
+
+    tiny = harness.load_model("random:tiny")
+    tiny.sam = None
+    monkeypatch.setattr(r.harness, "load_model", lambda *a, **k: tiny)
+    with pytest.raises(ValueError, match="no mask decoder"):
+        run_grid(expand_grid(["random:tiny"], ["none"], ["toy:val"], limit=1), tmp_path)
+
+
+def test_sam_encoder_latency_is_measured_when_it_runs(tmp_path):
+    rows = run_grid(expand_grid(["random:tiny"], ["none", "downsample"], ["toy:val"], limit=2), tmp_path)
+    first = read_records(tmp_path / "cells" / f"{rows[0]['cell']}.jsonl")
+    second = read_records(tmp_path / "cells" / f"{rows[1]['cell']}.jsonl")
+    assert all(r["latency_s"]["sam_encoder"] > 1e-4 for r in first)  # computed (and timed) for each new image
+    assert all("sam_encoder" not in r["latency_s"] for r in second)  # reused from the cache: no fake zero
+
+
+def test_exponent_floats_round_trip_through_specs():
+    from harness.method import create_method
+
+    assert create_method("random:ratio=5e-05").ratio == 5e-05
+    m = create_method("random", ratio=1e-7)
+    assert create_method(m.spec()).ratio == 1e-7
