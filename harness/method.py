@@ -138,7 +138,9 @@ class Param:
 def describe_params(cls: type[Method]) -> list[Param]:
     """Keyword hyperparameters of a method class, with types, defaults and the help from its Google docstring."""
     hints = typing.get_type_hints(cls.__init__) if cls.__init__ is not object.__init__ else {}
-    doc = _arg_docs(cls.__doc__ or "")
+    doc: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass inherits its parents' Args: entries and may override them
+        doc.update(_arg_docs(klass.__dict__.get("__doc__") or ""))
     out = []
     for p in inspect.signature(cls.__init__).parameters.values():
         if p.name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):

@@ -78,12 +78,7 @@ class DropAtK(Method):
 
 @register("test-drop-reindex")
 class DropAtKReindex(DropAtK):
-    """DropAtK with PyramidDrop-style positions: rows are renumbered 0..n-1 after the drop.
-
-    Args:
-        k: layer before which tokens are dropped (>= 1).
-        keep: image tokens kept (-1 keeps all).
-    """
+    """DropAtK with PyramidDrop-style positions: rows are renumbered 0..n-1 after the drop."""
 
     position_policy = "reindex"
     citation = "contract test: drop with re-indexed positions"
