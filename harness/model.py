@@ -155,12 +155,17 @@ class SegModel(nn.Module):
         return next(self.language_model.parameters()).dtype
 
     def fingerprint(self) -> str:
-        """Short content hash of the configuration and weights (part of every result's provenance)."""
-        h = hashlib.sha256(self.config.to_json().encode())
-        for name, t in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().float().sum().cpu().numpy().tobytes())
-        return h.hexdigest()[:12]
+        """Short content hash of the configuration and weights (part of every result's provenance).
+
+        Computed once per model (the model is frozen): it reads every weight.
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256(self.config.to_json().encode())
+            for name, t in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().float().sum().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:12]
+        return self._fingerprint
 
     # -- inputs ------------------------------------------------------------------------------------------------
     def prepare(self, image: Image.Image | np.ndarray | str | os.PathLike) -> Prepared:
