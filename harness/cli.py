@@ -179,9 +179,7 @@ def flops(arch, model, text_tokens, method, schedule, image_tokens) -> None:
         raise ValueError(f"name an architecture ({', '.join(ARCHS)}) or pass --model")
     text_tokens = 62 if text_tokens is None else text_tokens
     n_layers = a.llm["num_hidden_layers"]
-    n_img = a.n_image_tokens if a.vision is not None else (image_tokens or 0)
-    if image_tokens is not None:
-        n_img = image_tokens
+    n_img = image_tokens if image_tokens is not None else (a.n_image_tokens if a.vision is not None else 0)
     sched = [n_img] * n_layers
     if schedule:
         sched = _parse_schedule(schedule)

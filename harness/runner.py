@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import subprocess
 from collections.abc import Callable, Iterable
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 import harness
-from harness.flops import Arch, compute_flops
+from harness.flops import Arch, llm_flops
 from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
 from harness.method import create_method
 from harness.metrics import aggregate, intersection_union, sample_iou
@@ -204,7 +203,7 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
                 "iou": sample_iou(inter, union), "n_avg": r.trace.n_avg,
                 "image_tokens_per_layer": r.trace.image_tokens_per_layer,
                 "tokens_per_layer": r.trace.tokens_per_layer, "kept_patches": _segments(r.trace.kept_patches),
-                "flops": r.flops, "llm_flops": {c: compute_flops(arch, r.ledger, c)["llm"] for c in ("csp", "routing")},
+                "flops": r.flops, "llm_flops": {c: llm_flops(arch, r.ledger.layers, c) for c in ("csp", "routing")},
                 "latency_s": latency, "peak_mem_bytes": peak_memory_bytes(model.device), "mask_rle": _rle(r.mask),
             }
             f.write(json.dumps(rec) + "\n")  # one complete line per write, flushed: never a partial record
@@ -337,5 +336,4 @@ def default_methods() -> list[str]:
 
 
 def default_run_dir(base: str | Path = "runs") -> Path:
-    stamp = os.environ.get("SEGPRUNE_RUN_NAME") or "default"
-    return Path(base) / stamp
+    return Path(base) / "default"
