@@ -1,8 +1,6 @@
-"""Dataset loaders. `load_dataset(name, split, root, limit)` -> list of `Sample`."""
-
 from __future__ import annotations
 
-from harness.datasets import toy  # noqa: F401  (registers the loader)
+from harness.datasets import reasonseg, refer, shapes, toy  # noqa: F401  (register the loaders)
 from harness.datasets.base import DATASETS, Sample
 
 

@@ -20,7 +20,8 @@ class Sample:
         image_id: shared by the queries of one image (per-image work is cached on it).
         image: a path or an (H, W, 3) uint8 array.
         query: the referring expression or reasoning question.
-        mask: (H, W) uint8 ground truth, 1 = target, 0 = background, 255 = ignore.
+        mask: (H, W) uint8 ground truth, 1 = target, 0 = background, 255 = ignore; or a zero-argument callable
+            that decodes it (large datasets decode masks when they are scored, not when they are listed).
         is_sentence: ReasonSeg-style full-sentence query (LISA uses a different template for those).
     """
 
@@ -28,8 +29,11 @@ class Sample:
     image_id: str
     image: str | Path | np.ndarray
     query: str
-    mask: np.ndarray
+    mask: np.ndarray | Callable[[], np.ndarray]
     is_sentence: bool = False
+
+    def gt_mask(self) -> np.ndarray:
+        return self.mask() if callable(self.mask) else self.mask
 
 
 Loader = Callable[..., list[Sample]]

@@ -193,7 +193,7 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
             prep, emb, sam_seconds = cache.get((cell.dataset, cell.split, s.image_id), s.image)
             r = model.segment(None, s.query, method, is_sentence=s.is_sentence, sample_key=s.id, prepared=prep,
                               image_embeddings=emb, stopwatch=watch)
-            inter, union = intersection_union(r.mask, s.mask)
+            inter, union = intersection_union(r.mask, s.gt_mask())
             latency = dict(r.latency)
             latency.pop("sam_encoder", None)  # measured in the cache when it ran; absent when it was reused
             if sam_seconds is not None:

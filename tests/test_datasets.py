@@ -1,0 +1,151 @@
+"""Loaders (RefCOCO refer format, ReasonSeg, shapes-ref) on fixtures built on the fly."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness.datasets import load_dataset
+from harness.datasets.refer import safe_load_pickle
+from harness.datasets.shapes import COLOURS, SHAPES, SIZES, generate
+from harness.model import tiny_tokenizer
+
+
+def _refer_root(tmp_path, rle: bool = True):
+    from pycocotools import mask as mask_utils
+
+    ds = tmp_path / "refer_seg" / "refcoco"
+    imgs = tmp_path / "refer_seg" / "images" / "mscoco" / "images" / "train2014"
+    ds.mkdir(parents=True)
+    imgs.mkdir(parents=True)
+    for i in (1, 2):
+        Image.fromarray(np.full((40, 60, 3), 100 * i, np.uint8)).save(imgs / f"COCO_train2014_{i:012d}.jpg")
+    square = np.zeros((40, 60), np.uint8)
+    square[10:20, 30:50] = 1
+    encoded = mask_utils.encode(np.asfortranarray(square))
+    encoded["counts"] = encoded["counts"].decode()
+    anns = [{"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
+             "segmentation": [[5, 5, 15, 5, 15, 25, 5, 25]]},
+            {"id": 12, "image_id": 2, "category_id": 1, "iscrowd": 0, "segmentation": encoded}]
+    images = [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 40, "width": 60} for i in (1, 2)]
+    (ds / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": []}))
+    refs = [{"ref_id": 1, "ann_id": 11, "image_id": 1, "split": "val", "category_id": 1,
+             "sentences": [{"sent": "  The LEFT thing ", "sent_id": 7}, {"sent": "box", "sent_id": 8}]},
+            {"ref_id": 2, "ann_id": 12, "image_id": 2, "split": "testA", "category_id": 1,
+             "sentences": [{"sent": "right box", "sent_id": 9}]}]
+    with open(ds / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    return tmp_path
+
+
+def test_refcoco_loader_polygons_rle_and_lisa_casing(tmp_path):
+    root = _refer_root(tmp_path)
+    val = load_dataset("refcoco", "val", root=str(root))
+    assert [s.query for s in val] == ["the left thing", "box"]  # one sample per sentence, stripped + lower-cased
+    assert len({s.id for s in val}) == 2 and val[0].image_id == val[1].image_id == "1"
+    m = val[0].gt_mask()
+    assert m.shape == (40, 60) and m[5:25, 5:15].all() and m.sum() == 200  # COCO rasterises [5, 15) x [5, 25)
+    test_a = load_dataset("refcoco", "testA", root=str(root / "refer_seg"))  # pointing at refer_seg/ works too
+    assert test_a[0].gt_mask().sum() == 200 and test_a[0].gt_mask()[10:20, 30:50].all()
+    assert len(load_dataset("refcoco", "val", root=str(root), limit=1)) == 1
+
+
+def test_refcoco_errors_show_the_layout(tmp_path, monkeypatch):
+    monkeypatch.delenv("SEGPRUNE_DATA", raising=False)
+    with pytest.raises(ValueError, match="SEGPRUNE_DATA"):
+        load_dataset("refcoco", "val")
+    with pytest.raises(ValueError, match=r"refer_seg/\{ds\}|refer_seg/refcoco/refs\(unc\)\.p"):
+        load_dataset("refcoco", "val", root=str(tmp_path))
+    root = _refer_root(tmp_path)
+    with pytest.raises(ValueError, match="splits are testA, val"):
+        load_dataset("refcoco", "train", root=str(root))
+    with pytest.raises(ValueError, match="has splits"):
+        load_dataset("refcoco", "test", root=str(root))
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("refcocoo", "val", root=str(root))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_restricted_unpickler_refuses_imports(tmp_path):
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(pickle.dumps([{"ref_id": 1, "x": _Evil()}]))
+    with pytest.raises(ValueError, match="refusing to import"):
+        safe_load_pickle(path)
+    path.write_bytes(pickle.dumps([{"ref_id": 1, "sentences": [{"sent": "a", "tokens": ["a"]}], "box": (1.0, 2)}]))
+    assert safe_load_pickle(path)[0]["box"] == (1.0, 2)
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="not a readable refs pickle"):
+        safe_load_pickle(path)
+
+
+def test_reasonseg_loader_ignore_and_flag(tmp_path):
+    folder = tmp_path / "reason_seg" / "ReasonSeg" / "val"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(folder / "a.jpg")
+    shapes = [{"label": "ignore", "points": [[12, 12], [16, 12], [16, 16], [12, 16]]},  # inside the target
+              {"label": "target", "points": [[5, 5], [25, 5], [25, 25], [5, 25]]},
+              {"label": "flag", "points": [[0, 0], [3, 0], [3, 3], [0, 3]]}]
+    (folder / "a.json").write_text(json.dumps({"text": ["What holds the soup?", "other"], "is_sentence": True,
+                                               "shapes": shapes}))
+    (s,) = load_dataset("reasonseg", "val", root=str(tmp_path))
+    assert s.query == "What holds the soup?" and s.is_sentence
+    m = s.gt_mask()
+    assert m[14, 14] == 255 and m[6, 6] == 1 and m[1, 1] == 0  # largest first: the ignore region stays on top
+    with pytest.raises(ValueError, match="expected layout"):
+        load_dataset("reasonseg", "test", root=str(tmp_path))
+
+
+def test_shapes_ref_is_deterministic_and_in_refer_format(tmp_path):
+    a = generate("val", tmp_path / "a" / "shapes-ref-v1" / "val", n_images=6)
+    b = generate("val", tmp_path / "b" / "shapes-ref-v1" / "val", n_images=6)
+    assert (a / "refs(unc).p").read_bytes() == (b / "refs(unc).p").read_bytes()
+    assert (a / "instances.json").read_text() == (b / "instances.json").read_text()
+    assert (a / "images" / "val_000003.png").read_bytes() == (b / "images" / "val_000003.png").read_bytes()
+    samples = load_dataset("shapes-ref", "val", root=str(tmp_path / "a"))
+    assert len(samples) >= 6 and all(s.gt_mask().sum() > 50 for s in samples)
+    labels = sorted((a / "yolo" / "labels").glob("*.txt"))
+    assert len(labels) == 6
+    for line in labels[0].read_text().splitlines():
+        cls, *xy = line.split()
+        assert 0 <= int(cls) < len(SHAPES) and len(xy) >= 6 and all(0 <= float(v) <= 1 for v in xy)
+
+
+def test_shapes_ref_expressions_name_exactly_one_object(tmp_path):
+    """Re-check attribute expressions against the stored annotations; every split's words are in the vocabulary."""
+    inst, refs = {}, []
+    for split in ("testA", "testB", "reason"):
+        folder = generate(split, tmp_path / split, n_images=12)
+        inst[split] = json.loads((folder / "instances.json").read_text())
+        refs += [(split, r) for r in safe_load_pickle(folder / "refs(unc).p")]
+    pattern = re.compile(rf"the (?:({'|'.join(SIZES)}) )?(?:({'|'.join(COLOURS)}) )?({'|'.join(SHAPES)}|shape)$")
+    tok = tiny_tokenizer()
+    checked = 0
+    for split, ref in refs:
+        sent = ref["sentences"][0]["sent"]
+        assert tok.unk_token_id not in tok(sent, add_special_tokens=False).input_ids, sent
+        assert ref["is_sentence"] == (split == "reason")
+        if split != "testA":
+            continue
+        size, colour, shape = pattern.match(sent).groups()
+        objs = [a for a in inst[split]["annotations"] if a["image_id"] == ref["image_id"]]
+        hits = [a for a in objs if (size in (None, a["attributes"]["size"]))
+                and (colour in (None, a["attributes"]["colour"]))
+                and (shape == "shape" or SHAPES[a["category_id"] - 1] == shape)]
+        assert [h["id"] for h in hits] == [ref["ann_id"]], sent
+        checked += 1
+    assert checked >= 12
+
+
+def test_shapes_ref_unknown_split():
+    with pytest.raises(ValueError, match="testA"):
+        load_dataset("shapes-ref", "test")
