@@ -326,7 +326,8 @@ TINY_WORDS = (
     "small large big medium tiny huge triangle square circle star hexagon pentagon diamond ellipse rectangle shape "
     "shapes object left right above below of top bottom leftmost rightmost topmost bottommost largest smallest "
     "middle center centre with no corners corner that has same colour color as next near far between one two three "
-    "four five six sides side round pointed it its other which one only"
+    "four five six sides side round pointed it its other which one only points sky grass banana tomato grapes "
+    "pumpkin"
 ).split()
 
 
@@ -389,6 +390,38 @@ def build_random(arch: dict, *, name: str, seed: int = 0, tokenizer: PreTrainedT
 
 
 MODELS: Registry = Registry("model")
+BUNDLED = Path(__file__).parent / "assets" / "lisa-tiny-shapes"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bundle_model(folder: str | os.PathLike, dest: str | os.PathLike = BUNDLED) -> Path:
+    """Write a trained model folder as a package asset: fp16 weights, a checksum, and its training log."""
+    dest = Path(dest)
+    model = SegModel.from_pretrained(folder).to(torch.float16)
+    model.save_pretrained(dest)
+    (dest / "model.safetensors.sha256").write_text(_sha256(dest / "model.safetensors") + "\n")
+    log = Path(folder) / "train_log.json"
+    if log.is_file():
+        (dest / "train_log.json").write_text(log.read_text())
+    return dest
+
+
+@MODELS.register("lisa-tiny-shapes", aliases=("tiny-shapes",))
+def load_bundled(*, device: str | None = None, dtype: torch.dtype | None = None,
+                 attn_implementation: str = "sdpa", folder: str | os.PathLike = BUNDLED) -> SegModel:
+    """The embedded default: LISA at tiny size, trained by `segprune train tiny` on shapes-ref train."""
+    folder = Path(folder)
+    weights, checksum = folder / "model.safetensors", folder / "model.safetensors.sha256"
+    if not weights.is_file() or not checksum.is_file():
+        raise ValueError(f"the bundled lisa-tiny-shapes weights are missing from {folder}; reinstall segprune or "
+                         f"train them with `segprune train tiny --bundle`")
+    if _sha256(weights) != checksum.read_text().strip():
+        raise ValueError(f"{weights} does not match its checksum (corrupt or modified); reinstall segprune or "
+                         f"retrain with `segprune train tiny --bundle`")
+    return SegModel.from_pretrained(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str | None = None,
