@@ -13,8 +13,8 @@ one object. Query families, from easy to hard:
 
 Each split is generated on first use into `<cache>/shapes-ref-v1/<split>/` as a RefCOCO-style folder
 (`refs(unc).p`, `instances.json` with RLE masks, `images/*.png`) and read back through the same refer loader as
-RefCOCO (implicit questions carry `is_sentence` in their ref); `yolo/` holds YOLO-seg labels (class = shape)
-for the same images. The cache is
+RefCOCO (implicit questions carry `is_sentence` in their ref); `labels/` holds YOLO-seg labels (class = shape)
+for the same images, in the sibling layout ultralytics expects. The cache is
 `$SEGPRUNE_CACHE` or `~/.cache/segprune`.
 """
 
@@ -229,7 +229,7 @@ def generate(split: str, folder: str | os.PathLike, n_images: int | None = None,
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=folder.parent if folder.parent.exists() else None))
     (tmp / "images").mkdir()
-    (tmp / "yolo" / "labels").mkdir(parents=True)
+    (tmp / "labels").mkdir()
     rng = np.random.default_rng([seed, 20261121])
     images, anns, refs = [], [], []
     it = range(n)
@@ -255,7 +255,7 @@ def generate(split: str, folder: str | os.PathLike, n_images: int | None = None,
                          "attributes": {"colour": o.colour, "size": o.size}})
             ann_ids.append(ann_id)
             lines.append(_yolo_line(o))
-        (tmp / "yolo" / "labels" / name.replace(".png", ".txt")).write_text("".join(lines))
+        (tmp / "labels" / name.replace(".png", ".txt")).write_text("".join(lines))
         for i, fam, text in triples:
             ref_id = len(refs) + 1
             refs.append({"ref_id": ref_id, "ann_id": ann_ids[i], "image_id": image_id, "split": split,
@@ -268,9 +268,6 @@ def generate(split: str, folder: str | os.PathLike, n_images: int | None = None,
                                                     "categories": categories}))
     with open(tmp / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=2)
-    (tmp / "yolo" / "data.yaml").write_text(
-        "path: ..\ntrain: images\nval: images\nnames:\n" + "".join(f"  {i}: {s}\n" for i, s in enumerate(SHAPES)))
-    os.symlink("../images", tmp / "yolo" / "images")
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(folder)  # atomic: a concurrent or interrupted generation never leaves a half-written split

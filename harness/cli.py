@@ -282,3 +282,42 @@ def train_tiny_cmd(out, seed, vision_steps, llm_steps, batch, device, bundle) ->
         from harness.model import bundle_model
 
         click.echo(f"bundled as {bundle_model(folder)}")
+
+
+@train.command("yolo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/train-yolo"),
+              show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--imgsz", type=int, default=256, show_default=True)
+@click.option("--fraction", type=float, default=1.0, show_default=True, help="fraction of shapes-ref train to use")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--bundle", is_flag=True, help="also write the best weights as the package's bundled YOLO-seg")
+@friendly
+def train_yolo_cmd(out, epochs, imgsz, fraction, seed, device, bundle) -> None:
+    """Train yolo11n-seg from scratch on shapes-ref (for LVLM_CSP's Seg-First clustering), offline."""
+    from harness.yolo import bundle_yolo, train_yolo
+
+    best, map50 = train_yolo(out, epochs=epochs, imgsz=imgsz, fraction=fraction, seed=seed, device=device)
+    click.echo(f"best weights: {best}; mask mAP50 on shapes-ref val: {map50:.3f}")
+    if bundle:
+        click.echo(f"bundled as {bundle_yolo(best)}")
+
+
+@main.command()
+@click.argument("dataset", default="shapes-ref")
+@click.option("--split", "splits", multiple=True, help="split(s) to prepare and count (default: every split)")
+@click.option("--data-root", envvar="SEGPRUNE_DATA", default=None, help="root of the datasets [env SEGPRUNE_DATA]")
+@friendly
+def data(dataset, splits, data_root) -> None:
+    """Prepare a dataset (shapes-ref is generated into the cache) and count its samples per split."""
+    import harness
+    from harness.datasets import DATASETS, shapes
+
+    name = DATASETS.canonical(dataset)
+    if not splits:
+        splits = tuple(shapes.SPLITS) if name == "shapes-ref" else ("val",)
+    for split in splits:
+        samples = harness.load_dataset(name, split, root=data_root)
+        where = f"  ({shapes.split_dir(split, progress=False)})" if name == "shapes-ref" and not data_root else ""
+        click.echo(f"{name}:{split}  {len(samples)} queries on {len({s.image_id for s in samples})} images{where}")

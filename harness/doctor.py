@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 
 def _check(fn: Callable[[], str]) -> tuple[bool, str]:
@@ -56,9 +55,15 @@ def checks() -> list[tuple[str, bool, str]]:
         return "pycocotools RLE round trip"
 
     def assets() -> str:
-        folder = Path(__file__).parent / "assets"
-        files = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
-        return ", ".join(files) if files else "no bundled weights in this version (random:tiny is built in)"
+        from harness.model import load_bundled
+        from harness.yolo import BUNDLED_YOLO, load_yolo
+
+        model = load_bundled()  # checks the weights' checksum
+        out = f"lisa-tiny-shapes {model.fingerprint()} (checksum ok)"
+        if BUNDLED_YOLO.is_file():
+            load_yolo()
+            out += f", {BUNDLED_YOLO.name} (checksum ok)"
+        return out
 
     def tiny_forward() -> str:
         import harness

@@ -14,7 +14,8 @@ stages, each with dense supervision that is used in training only (inference is 
    automatic mask generation keeps working). Projector, decoder, lm_head, text_hidden_fcs and mask decoder learn
    from LISA's losses: answer-text LM loss (weight 1, so `generate` mode
    emits [SEG]), mask BCE (2.0) and Dice (0.5); plus, in training only, (a) a pointer loss pulling one attention
-   head per upper decoder layer (head 0 of layers L/2..L-1) at the token before [SEG] onto the target's patches, and
+   head per upper decoder layer (head 0 of layers L/2..L-1) onto the target's patches, at every token from the
+   query's last word to the token before [SEG] (one row alone gave too sparse a signal to leave the plateau), and
    (b) an alignment loss pulling the [SEG] embedding toward SAM's point-prompt embedding of an interior point of
    the target. Queries go from easy to hard: attribute queries only for the first fifth of the steps, then all
    families.
@@ -46,15 +47,15 @@ RELATION_WORDS = {"left", "right", "above", "below", "leftmost", "rightmost", "t
 class TrainConfig:
     seed: int = 0
     vision_steps: int = 900
-    llm_steps: int = 2500
+    llm_steps: int = 2000
     batch: int = 16
     vision_lr: float = 2e-3
-    llm_lr: float = 6e-4
+    llm_lr: float = 8e-4
     warmup: int = 100
     easy_fraction: float = 0.2  # attribute queries only for this fraction of the LISA stage
     pointer_weight: float = 1.0
     align_weight: float = 1.0
-    eval_every: int = 500
+    eval_every: int = 400
     eval_samples: int = 120
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
@@ -74,12 +75,12 @@ TINY_SHAPES = {
 class ShapesTrainData:
     """shapes-ref train from its refer folder: samples for the LISA stage, per-object masks for the vision stage."""
 
-    def __init__(self, model: SegModel, split: str = "train"):
+    def __init__(self, model: SegModel, split: str = "train", pixel_dtype: torch.dtype = torch.bfloat16):
         from harness.datasets import load_dataset
         from harness.datasets.refer import _decode
         from harness.datasets.shapes import COLOURS, SIZES, split_dir
 
-        self.model = model
+        self.model, self.pixel_dtype = model, pixel_dtype  # pixels are cached per image (bf16 halves the memory)
         self.samples = load_dataset("shapes-ref", split)
         folder = split_dir(split)
         inst = json.loads((folder / "instances.json").read_text())
@@ -103,7 +104,7 @@ class ShapesTrainData:
     def pixels(self, image_id: str) -> tuple[Tensor, Tensor]:
         if image_id not in self._prep:
             p = self.model.prepare(self.images[image_id])
-            self._prep[image_id] = (p.clip_pixels[0].to(torch.bfloat16), p.sam_pixels[0].to(torch.bfloat16))
+            self._prep[image_id] = (p.clip_pixels[0].to(self.pixel_dtype), p.sam_pixels[0].to(self.pixel_dtype))
         return self._prep[image_id]
 
 
@@ -277,23 +278,32 @@ class LayerInputs:
 
 
 def pointer_attention(layer: nn.Module, rotary: nn.Module, hidden: Tensor, rows: Tensor, head: int = 0) -> Tensor:
-    """Softmax attention of query row `rows[b]` of head `head` over all causal keys, batched. Returns (B, T)."""
+    """Softmax attention of query rows `rows[b, r]` of head `head` over their causal keys. Returns (B, R, T)."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     attn = layer.self_attn
     b, t, _ = hidden.shape
     hd = attn.head_dim
     x = layer.input_layernorm(hidden)
-    batch = torch.arange(b, device=hidden.device)
-    q = attn.q_proj(x[batch, rows]).view(b, -1, hd)[:, head]  # (B, hd)
+    batch = torch.arange(b, device=hidden.device)[:, None]
+    q = attn.q_proj(x[batch, rows]).view(b, rows.shape[1], -1, hd)[:, :, head]  # (B, R, hd)
     k = attn.k_proj(x).view(b, t, -1, hd)[:, :, head // attn.num_key_value_groups]  # (B, T, hd)
     positions = torch.arange(t, device=hidden.device)[None].expand(b, t)
     cos, sin = rotary(x, positions)  # (B, T, hd)
     q = q * cos[batch, rows] + rotate_half(q) * sin[batch, rows]
     k = k * cos + rotate_half(k) * sin
-    scores = (k.float() @ q.float()[:, :, None])[..., 0] * attn.scaling  # (B, T)
-    scores = scores.masked_fill(positions > rows[:, None], float("-inf"))
+    scores = (q.float() @ k.float().transpose(1, 2)) * attn.scaling  # (B, R, T)
+    scores = scores.masked_fill(positions[:, None, :] > rows[:, :, None], float("-inf"))
     return scores.softmax(-1)
+
+
+def _query_end(post: list[int], query_ids: list[int]) -> int:
+    """Index in `post` of the query's last token."""
+    n = len(query_ids)
+    for i in range(len(post) - n + 1):
+        if post[i:i + n] == query_ids:
+            return i + n - 1
+    raise ValueError("query tokens not found in the prompt")
 
 
 def lisa_batch(model: SegModel, data: ShapesTrainData, idx: list[int], dev: str, g: torch.Generator) -> dict:
@@ -309,6 +319,15 @@ def lisa_batch(model: SegModel, data: ShapesTrainData, idx: list[int], dev: str,
     pad = model.tokenizer.pad_token_id
     post = torch.tensor([q + [pad] * (width - len(q)) for q in posts], device=dev)
     seg_at = torch.tensor([q.index(model.seg_token_id) for q in posts], device=dev)
+    # pointer rows: every token from the query's last word to the token before [SEG] (padded by repeating the last)
+    n_pre = len(pre)
+    spans = []
+    for s, q in zip(samples, posts, strict=True):
+        end = _query_end(q, model.tokenizer(s.query.strip(), add_special_tokens=False).input_ids)
+        spans.append(list(range(end, q.index(model.seg_token_id))))
+    width_r = max(len(r) for r in spans)
+    ptr_rows = torch.tensor([[n_pre + n_img + i for i in r + [r[-1]] * (width_r - len(r))] for r in spans],
+                            device=dev)
     objs = [data.objects[s.image_id][data.ann_of_sample[s.id]] for s in samples]
     gt = torch.stack([torch.from_numpy(s.gt_mask()).float() for s in samples]).to(dev)
     side = int(math.isqrt(n_img))
@@ -320,7 +339,7 @@ def lisa_batch(model: SegModel, data: ShapesTrainData, idx: list[int], dev: str,
         j = int(torch.randint(len(xs), (1,), generator=g))
         clicks.append([xs[j] + 0.5, ys[j] + 0.5])
     return dict(samples=samples, clip_px=clip_px, sam_px=sam_px, pre=torch.tensor(pre, device=dev), post=post,
-                posts=posts, seg_at=seg_at, gt=gt, cover=cover, points=points,
+                posts=posts, seg_at=seg_at, ptr_rows=ptr_rows, gt=gt, cover=cover, points=points,
                 clicks=torch.tensor(clicks, dtype=torch.float32, device=dev))
 
 
@@ -361,8 +380,9 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
     l_ptr = torch.zeros((), device=dev)
     cover = batch["cover"] / batch["cover"].sum(1, keepdim=True).clamp(min=1e-6)
     for li in pointer_layers:
-        a = pointer_attention(lm.layers[li], lm.rotary_emb, hooks.store[li], seg_rows)[:, n_pre:n_pre + n_img]
-        l_ptr = l_ptr - torch.log((a * (cover > 0)).sum(1) + 1e-4).mean()
+        a = pointer_attention(lm.layers[li], lm.rotary_emb, hooks.store[li], batch["ptr_rows"])
+        mass = (a[:, :, n_pre:n_pre + n_img] * (cover[:, None] > 0)).sum(-1)  # (B, R)
+        l_ptr = l_ptr - torch.log(mass + 1e-4).mean()
     l_ptr = l_ptr / max(1, len(pointer_layers))
     target = point_embed.view(b, -1).float()
     l_align = F.mse_loss(prompt.float(), target) / target.var().clamp(min=1e-6)
@@ -470,13 +490,22 @@ def train_tiny(out: str | Path, cfg: TrainConfig, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     t0 = time.time()
-    model = build_random(TINY_SHAPES, name="lisa-tiny-shapes", seed=cfg.seed, tokenizer=tiny_tokenizer(),
-                         device=cfg.device)
-    data = ShapesTrainData(model)
-    log(f"data: {len(data.samples)} train queries on {len(data.image_ids)} images ({time.time() - t0:.0f}s)")
-    train_vision(model, data, cfg, log)
-    pmiou = point_prompt_miou(model)
-    log(f"point-prompt mIoU on val objects: {pmiou}")
+    stage1 = out / "stage1"  # the vision stage is saved, so a stopped run restarts at the LISA stage
+    if (stage1 / "stage1.json").is_file():
+        model = SegModel.from_pretrained(stage1, device=cfg.device)
+        pmiou = json.loads((stage1 / "stage1.json").read_text())["point_prompt_miou"]
+        data = ShapesTrainData(model)
+        log(f"stage 1 loaded from {stage1} (point-prompt mIoU {pmiou})")
+    else:
+        model = build_random(TINY_SHAPES, name="lisa-tiny-shapes", seed=cfg.seed, tokenizer=tiny_tokenizer(),
+                             device=cfg.device)
+        data = ShapesTrainData(model)
+        log(f"data: {len(data.samples)} train queries on {len(data.image_ids)} images ({time.time() - t0:.0f}s)")
+        train_vision(model, data, cfg, log)
+        pmiou = point_prompt_miou(model)
+        log(f"point-prompt mIoU on val objects: {pmiou}")
+        model.save_pretrained(stage1)
+        (stage1 / "stage1.json").write_text(json.dumps({"point_prompt_miou": pmiou, "config": asdict(cfg)}))
     curve = train_lisa(model, data, cfg, log,
                        evaluate=lambda m: evaluate_split(m, "val", limit=cfg.eval_samples))
     final = {split: evaluate_split(model, split) for split in ("val", "testA", "testB", "reason")}

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from harness.datasets import load_dataset
@@ -113,7 +114,7 @@ def test_shapes_ref_is_deterministic_and_in_refer_format(tmp_path):
     assert (a / "images" / "val_000003.png").read_bytes() == (b / "images" / "val_000003.png").read_bytes()
     samples = load_dataset("shapes-ref", "val", root=str(tmp_path / "a"))
     assert len(samples) >= 6 and all(s.gt_mask().sum() > 50 for s in samples)
-    labels = sorted((a / "yolo" / "labels").glob("*.txt"))
+    labels = sorted((a / "labels").glob("*.txt"))
     assert len(labels) == 6
     for line in labels[0].read_text().splitlines():
         cls, *xy = line.split()
@@ -149,3 +150,23 @@ def test_shapes_ref_expressions_name_exactly_one_object(tmp_path):
 def test_shapes_ref_unknown_split():
     with pytest.raises(ValueError, match="testA"):
         load_dataset("shapes-ref", "test")
+
+
+def test_bundled_model_checksum(tmp_path, tiny):
+    from harness.model import bundle_model, load_bundled
+
+    tiny.save_pretrained(tmp_path / "trained")
+    dest = bundle_model(tmp_path / "trained", tmp_path / "bundle")
+    model = load_bundled(folder=dest)
+    assert model.fingerprint() != tiny.fingerprint()  # fp16 storage rounds the weights
+    name = next(iter(model.state_dict()))
+    assert torch.allclose(model.state_dict()[name], tiny.state_dict()[name], atol=1e-2)
+    weights = dest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        load_bundled(folder=dest)
+    weights.unlink()
+    with pytest.raises(ValueError, match="segprune train tiny --bundle"):
+        load_bundled(folder=dest)

@@ -1,0 +1,81 @@
+"""The instance segmenter LVLM_CSP's Seg-First clustering needs: ultralytics YOLO-seg.
+
+`segprune train yolo` trains the `yolo11n-seg` architecture from scratch on shapes-ref (offline: no pretrained
+weights, no plots, no AMP check, which would all download) and can bundle the stripped weights as package data
+with a checksum. `load_yolo()` loads the bundled model or a user's own checkpoint (e.g. `yolo11n-seg.pt`) through
+the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+BUNDLED_YOLO = Path(__file__).parent / "assets" / "yolo11n-seg-shapes.pt"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def yolo_data_yaml(folder: str | os.PathLike, train_split: str = "train", val_split: str = "val") -> Path:
+    """A data.yaml with absolute paths to the YOLO-seg labels the shapes-ref generator writes."""
+    from harness.datasets.shapes import SHAPES, split_dir
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train, val = (split_dir(s) / "images" for s in (train_split, val_split))
+    text = f"train: {train}\nval: {val}\nnames:\n" + "".join(f"  {i}: {s}\n" for i, s in enumerate(SHAPES))
+    path = folder / "shapes-ref.yaml"
+    path.write_text(text)
+    return path
+
+
+def train_yolo(out: str | os.PathLike, *, epochs: int = 30, imgsz: int = 256, batch: int = 32, seed: int = 0,
+               fraction: float = 1.0, device: str = "cpu", workers: int = 0) -> tuple[Path, float]:
+    """Train yolo11n-seg from scratch on shapes-ref train; returns (stripped best weights, mask mAP50 on val)."""
+    from ultralytics import YOLO
+
+    out = Path(out).resolve()
+    data = yolo_data_yaml(out)
+    model = YOLO("yolo11n-seg.yaml", task="segment")  # architecture only: nothing is downloaded
+    model.train(data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed, deterministic=True,
+                fraction=fraction, device=device, workers=workers, plots=False, amp=False, project=str(out),
+                name="train", exist_ok=True, verbose=False, val=True, pretrained=False)
+    best = out / "train" / "weights" / "best.pt"
+    return best, evaluate_yolo(best, data, imgsz=imgsz, device=device)
+
+
+def evaluate_yolo(weights: str | os.PathLike, data: str | os.PathLike, *, imgsz: int = 256,
+                  device: str = "cpu") -> float:
+    """Mask mAP50 on the data's val split."""
+    from ultralytics import YOLO
+
+    metrics = YOLO(str(weights), task="segment").val(data=str(data), imgsz=imgsz, device=device, plots=False,
+                                                     verbose=False, workers=0, batch=32)
+    return float(metrics.seg.map50)
+
+
+def bundle_yolo(weights: str | os.PathLike, dest: str | os.PathLike = BUNDLED_YOLO) -> Path:
+    dest = Path(dest)
+    shutil.copyfile(weights, dest)
+    Path(f"{dest}.sha256").write_text(_sha256(dest) + "\n")
+    return dest
+
+
+def load_yolo(weights: str | os.PathLike | None = None):
+    """The bundled shapes-ref YOLO-seg (checksum-checked), or a user's own YOLO-seg checkpoint."""
+    from ultralytics import YOLO
+
+    path = Path(weights) if weights else BUNDLED_YOLO
+    if not path.is_file():
+        hint = "train it with `segprune train yolo --bundle`" if weights is None else "check the path"
+        raise ValueError(f"YOLO-seg weights not found at {path}; {hint}")
+    if weights is None:
+        checksum = Path(f"{path}.sha256")
+        if not checksum.is_file() or _sha256(path) != checksum.read_text().strip():
+            raise ValueError(f"{path} does not match its checksum; reinstall segprune or retrain with "
+                             f"`segprune train yolo --bundle`")
+    return YOLO(str(path), task="segment")

@@ -1,0 +1,80 @@
+"""The training path of `segprune train tiny` computes what inference computes, and its losses train."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.engine import attention_rows
+from harness.model import build_random, tiny_tokenizer
+from harness.train import (
+    TINY_SHAPES,
+    LayerInputs,
+    ShapesTrainData,
+    TrainConfig,
+    lisa_batch,
+    lisa_losses,
+    pointer_attention,
+)
+
+
+@pytest.fixture(scope="module")
+def shapes_model_and_data(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SEGPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    from harness.datasets import shapes
+
+    mp.setitem(shapes.SPLITS, "val", (1, 6, 2))  # a 6-image val split is enough here
+    model = build_random(TINY_SHAPES, name="t", tokenizer=tiny_tokenizer())
+    data = ShapesTrainData(model, split="val", pixel_dtype=torch.float32)
+    yield model, data
+    mp.undo()
+
+
+def test_pointer_attention_matches_the_engines_attention_rows(tiny):
+    torch.manual_seed(0)
+    lm = tiny.language_model
+    hidden = torch.randn(2, 40, lm.config.hidden_size)
+    rows = torch.tensor([[30, 39], [12, 20]])
+    got = pointer_attention(lm.layers[3], lm.rotary_emb, hidden, rows, head=1)
+    for b in range(2):
+        ref = attention_rows(lm.layers[3], lm.rotary_emb, hidden[b:b + 1], torch.arange(40), rows[b], head_mean=False)
+        assert torch.allclose(got[b], ref[1], atol=1e-5)
+
+
+def test_training_forward_gives_the_inference_seg_embedding(shapes_model_and_data):
+    model, data = shapes_model_and_data
+    g = torch.Generator().manual_seed(0)
+    batch = lisa_batch(model, data, [0, 1, 2], "cpu", g)
+    lm = model.language_model
+    hooks = LayerInputs(list(lm.layers))
+    captured = {}
+    handle = model.text_hidden_fcs[0].register_forward_hook(lambda m, i, o: captured.update(h=i[0]))
+    try:
+        loss, parts = lisa_losses(model, batch, TrainConfig(), hooks, [4, 5, 6, 7])
+    finally:
+        hooks.remove()
+        handle.remove()
+    for i, s in enumerate(batch["samples"]):
+        r = model.segment(s.image, s.query, None, is_sentence=s.is_sentence)
+        assert torch.allclose(captured["h"][i], r.seg_hidden[0], atol=1e-5), s.query
+    assert torch.isfinite(loss) and set(parts) >= {"lm", "bce", "dice", "ptr", "align", "point"}
+
+
+def test_lisa_losses_reach_the_trained_parameters(shapes_model_and_data):
+    model, data = shapes_model_and_data
+    batch = lisa_batch(model, data, [3, 4], "cpu", torch.Generator().manual_seed(1))
+    lm = model.language_model
+    params = [lm.layers[0].mlp.up_proj.weight, model.projector.weight, model.sam.mask_decoder.iou_token.weight,
+              model.text_hidden_fcs[0][0].weight]
+    for p in params:
+        p.requires_grad_(True)
+    hooks = LayerInputs(list(lm.layers))
+    try:
+        loss, _ = lisa_losses(model, batch, TrainConfig(), hooks, [4, 5, 6, 7])
+        loss.backward()
+    finally:
+        hooks.remove()
+        for p in params:
+            p.requires_grad_(False)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
