@@ -59,7 +59,11 @@ def load_reasonseg(split: str = "val", root: str | None = None, limit: int | Non
     samples: list[Sample] = []
     for js in sorted(folder.glob("*.json")):
         try:
-            anno = json.loads(js.read_text())
+            raw = js.read_bytes()
+            try:
+                anno = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:  # some ReasonSeg files are cp1252; LISA falls back the same way
+                anno = json.loads(raw.decode("cp1252"))
             text, shapes, is_sentence = anno["text"], anno["shapes"], bool(anno.get("is_sentence", True))
         except (ValueError, KeyError) as err:
             raise ValueError(f"{js} is not a ReasonSeg annotation ({type(err).__name__}: {err}); "
@@ -72,8 +76,10 @@ def load_reasonseg(split: str = "val", root: str | None = None, limit: int | Non
         def mask(shapes=shapes, image=image) -> np.ndarray:
             from PIL import Image
 
-            with Image.open(image) as im:  # reads the header only
+            with Image.open(image) as im:  # header only
                 w, h = im.size
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by EXIF, as cv2.imread (LISA) shows it
+                    w, h = h, w
             return reasonseg_mask(shapes, h, w)
 
         samples.append(Sample(id=js.stem, image_id=js.stem, image=image, query=query.strip(), mask=mask,

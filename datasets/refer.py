@@ -66,7 +66,10 @@ def _decode(segmentation, height: int, width: int) -> np.ndarray:
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):  # polygons: one RLE per part, merged
-        rles = mask_utils.frPyObjects(segmentation, height, width)
+        parts = [p for p in segmentation if len(p) >= 6]  # a 4-number part would be read as a box
+        if not parts:
+            return np.zeros((height, width), np.uint8)  # as LISA: an empty segmentation is an empty mask
+        rles = mask_utils.frPyObjects(parts, height, width)
         m = mask_utils.decode(rles)
         return (m.reshape(height, width, -1).sum(axis=2) > 0).astype(np.uint8)
     if isinstance(segmentation.get("counts"), list):  # uncompressed RLE
@@ -83,9 +86,11 @@ def load_refer_folder(ds_dir: str | os.PathLike, image_dir: str | os.PathLike, s
     for p in (refs_path, inst_path):
         if not p.is_file():
             raise ValueError(f"missing {p}; {layout or 'a refer folder holds refs(<split_by>).p and instances.json'}")
+    if not image_dir.is_dir():
+        raise ValueError(f"missing image folder {image_dir}; {layout or 'images go next to instances.json'}")
     refs = safe_load_pickle(refs_path)
     if not isinstance(refs, list) or (refs and not isinstance(refs[0], dict)):
-        raise ValueError(f"{refs_path} is not a list of refs; {layout}")
+        raise ValueError(f"{refs_path} is not a list of refs" + (f"; {layout}" if layout else ""))
     try:
         inst = json.loads(inst_path.read_text())
         images = {im["id"]: im for im in inst["images"]}
@@ -101,8 +106,8 @@ def load_refer_folder(ds_dir: str | os.PathLike, image_dir: str | os.PathLike, s
         try:
             im, ann = images[ref["image_id"]], anns[ref["ann_id"]]
         except KeyError as err:
-            raise ValueError(f"ref {ref.get('ref_id')} in {refs_path} points at {err} missing from {inst_path}") \
-                from None
+            raise ValueError(f"ref {ref.get('ref_id')} in {refs_path} names image {ref.get('image_id')} / annotation "
+                             f"{ref.get('ann_id')}, but {err} is not in {inst_path}") from None
         path = image_dir / im["file_name"]
 
         def mask(seg=ann["segmentation"], h=im["height"], w=im["width"]) -> np.ndarray:

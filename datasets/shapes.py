@@ -227,7 +227,8 @@ def generate(split: str, folder: str | os.PathLike, n_images: int | None = None,
     seed, n, per_image = SPLITS[split]
     n = n if n_images is None else n_images
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=folder.parent if folder.parent.exists() else None))
+    folder.parent.mkdir(parents=True, exist_ok=True)  # stage next to the target: rename() cannot cross filesystems
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=folder.parent))
     (tmp / "images").mkdir()
     (tmp / "labels").mkdir()
     rng = np.random.default_rng([seed, 20261121])
@@ -268,7 +269,6 @@ def generate(split: str, folder: str | os.PathLike, n_images: int | None = None,
                                                     "categories": categories}))
     with open(tmp / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=2)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(folder)  # atomic: a concurrent or interrupted generation never leaves a half-written split
     except OSError:

@@ -1,7 +1,7 @@
 """`toy`: a tiny in-memory referring-segmentation set (a few coloured shapes per image, "the red circle").
 
-Deterministic given the split; meant for smoke tests and the quickstart until the full `shapes-ref` generator
-(refer format, relational and reasoning queries) lands.
+Deterministic given the split, built in memory in milliseconds; meant for smoke tests of code paths (`segprune
+doctor`, the runner tests). Benchmarks use `shapes-ref` or the real datasets.
 """
 
 from __future__ import annotations

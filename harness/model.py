@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor, nn
 from transformers import (
     CLIPImageProcessorPil,
@@ -313,7 +313,7 @@ def load_image(image: Any) -> Image.Image:
         raise ValueError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")  # as cv2.imread in LISA: EXIF orientation applied
     except (OSError, SyntaxError) as err:
         raise ValueError(f"cannot decode image {path}: {err}; check the file is a valid image") from None
 

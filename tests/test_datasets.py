@@ -15,7 +15,9 @@ from PIL import Image
 from harness.datasets import load_dataset
 from harness.datasets.refer import safe_load_pickle
 from harness.datasets.shapes import COLOURS, SHAPES, SIZES, generate
-from harness.model import tiny_tokenizer
+from harness.model import BUNDLED, tiny_tokenizer
+
+BUNDLED_GIOU_FLOOR = 0.5  # unpruned gIoU on the first 24 val queries; random weights score ~0.02
 
 
 def _refer_root(tmp_path, rle: bool = True):
@@ -33,15 +35,20 @@ def _refer_root(tmp_path, rle: bool = True):
     encoded["counts"] = encoded["counts"].decode()
     anns = [{"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0,
              "segmentation": [[5, 5, 15, 5, 15, 25, 5, 25]]},
-            {"id": 12, "image_id": 2, "category_id": 1, "iscrowd": 0, "segmentation": encoded}]
+            {"id": 12, "image_id": 2, "category_id": 1, "iscrowd": 0, "segmentation": encoded},
+            {"id": 13, "image_id": 2, "category_id": 1, "iscrowd": 0, "segmentation": []},
+            {"id": 14, "image_id": 2, "category_id": 1, "iscrowd": 1,  # uncompressed RLE (crowd): 40 rows of x=1
+             "segmentation": {"size": [40, 60], "counts": [40, 40, 2320]}}]
     images = [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 40, "width": 60} for i in (1, 2)]
     (ds / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": []}))
     refs = [{"ref_id": 1, "ann_id": 11, "image_id": 1, "split": "val", "category_id": 1,
              "sentences": [{"sent": "  The LEFT thing ", "sent_id": 7}, {"sent": "box", "sent_id": 8}]},
             {"ref_id": 2, "ann_id": 12, "image_id": 2, "split": "testA", "category_id": 1,
-             "sentences": [{"sent": "right box", "sent_id": 9}]}]
+             "sentences": [{"sent": "right box", "sent_id": 9}]},
+            {"ref_id": 3, "ann_id": 13, "image_id": 2, "split": "testB", "sentences": [{"sent": "nothing"}]},
+            {"ref_id": 4, "ann_id": 14, "image_id": 2, "split": "testB", "sentences": [{"sent": "crowd"}]}]
     with open(ds / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f, protocol=2)
+        pickle.dump(refs, f, protocol=0)  # the oldest protocol, as in the Python 2 era refer pickles
     return tmp_path
 
 
@@ -55,16 +62,19 @@ def test_refcoco_loader_polygons_rle_and_lisa_casing(tmp_path):
     test_a = load_dataset("refcoco", "testA", root=str(root / "refer_seg"))  # pointing at refer_seg/ works too
     assert test_a[0].gt_mask().sum() == 200 and test_a[0].gt_mask()[10:20, 30:50].all()
     assert len(load_dataset("refcoco", "val", root=str(root), limit=1)) == 1
+    empty, crowd = load_dataset("refcoco", "testB", root=str(root))
+    assert empty.gt_mask().sum() == 0 and empty.gt_mask().shape == (40, 60)
+    assert crowd.gt_mask().sum() == 40 and crowd.gt_mask()[:, 1].all()
 
 
 def test_refcoco_errors_show_the_layout(tmp_path, monkeypatch):
     monkeypatch.delenv("SEGPRUNE_DATA", raising=False)
     with pytest.raises(ValueError, match="SEGPRUNE_DATA"):
         load_dataset("refcoco", "val")
-    with pytest.raises(ValueError, match=r"refer_seg/\{ds\}|refer_seg/refcoco/refs\(unc\)\.p"):
+    with pytest.raises(ValueError, match=r"expected layout:\n  <root>/refer_seg/refcoco/refs\(unc\)\.p"):
         load_dataset("refcoco", "val", root=str(tmp_path))
     root = _refer_root(tmp_path)
-    with pytest.raises(ValueError, match="splits are testA, val"):
+    with pytest.raises(ValueError, match="splits are testA, testB, val"):
         load_dataset("refcoco", "train", root=str(root))
     with pytest.raises(ValueError, match="has splits"):
         load_dataset("refcoco", "test", root=str(root))
@@ -96,10 +106,11 @@ def test_reasonseg_loader_ignore_and_flag(tmp_path):
     shapes = [{"label": "ignore", "points": [[12, 12], [16, 12], [16, 16], [12, 16]]},  # inside the target
               {"label": "target", "points": [[5, 5], [25, 5], [25, 25], [5, 25]]},
               {"label": "flag", "points": [[0, 0], [3, 0], [3, 3], [0, 3]]}]
-    (folder / "a.json").write_text(json.dumps({"text": ["What holds the soup?", "other"], "is_sentence": True,
-                                               "shapes": shapes}))
+    (folder / "a.json").write_bytes(json.dumps({"text": ["What holds the soup\u2019s bowl?", "other"],
+                                                "is_sentence": True, "shapes": shapes},
+                                               ensure_ascii=False).encode("cp1252"))  # LISA reads cp1252 too
     (s,) = load_dataset("reasonseg", "val", root=str(tmp_path))
-    assert s.query == "What holds the soup?" and s.is_sentence
+    assert s.query == "What holds the soup\u2019s bowl?" and s.is_sentence
     m = s.gt_mask()
     assert m[14, 14] == 255 and m[6, 6] == 1 and m[1, 1] == 0  # largest first: the ignore region stays on top
     with pytest.raises(ValueError, match="expected layout"):
@@ -170,3 +181,19 @@ def test_bundled_model_checksum(tmp_path, tiny):
     weights.unlink()
     with pytest.raises(ValueError, match="segprune train tiny --bundle"):
         load_bundled(folder=dest)
+
+
+@pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(), reason="lisa-tiny-shapes weights not bundled yet")
+def test_bundled_lisa_tiny_shapes_segments_shapes_ref(tmp_path, monkeypatch):
+    """The bundled weights load (checksum), follow LISA's template and actually segment: the unpruned gIoU on the
+    first val queries is far above the ~0.02 of random weights (the full figures are in its train_log.json)."""
+    from harness.metrics import aggregate, intersection_union
+    from harness.model import load_model
+
+    monkeypatch.setenv("SEGPRUNE_CACHE", str(tmp_path))
+    model = load_model("lisa-tiny-shapes")
+    pairs = []
+    for s in load_dataset("shapes-ref", "val", limit=24):
+        r = model.segment(s.image, s.query, None, is_sentence=s.is_sentence)
+        pairs.append(intersection_union(r.mask, s.gt_mask()))
+    assert aggregate(pairs)["giou"] > BUNDLED_GIOU_FLOOR
