@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from harness.datasets.base import DATASETS, Sample
 
-VERSION = "shapes-ref-v1"
+VERSION = "shapes-ref-v2"  # v2: relations need the target mainly in that direction; sizes compare within a shape
 IMAGE_SIZE = 256
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30),
            "purple": (140, 60, 190), "orange": (245, 140, 30)}
@@ -152,9 +152,11 @@ def _relational(objs: list[Obj], t: Obj, rng: np.random.Generator) -> str | None
         group = [o for o in objs if same(o)]
         if len(group) < 2:
             continue
-        for word, key in (("leftmost", lambda o: o.cx), ("rightmost", lambda o: -o.cx),
-                          ("topmost", lambda o: o.cy), ("bottommost", lambda o: -o.cy),
-                          ("largest", lambda o: -o.area), ("smallest", lambda o: o.area)):
+        superlatives = [("leftmost", lambda o: o.cx), ("rightmost", lambda o: -o.cx),
+                        ("topmost", lambda o: o.cy), ("bottommost", lambda o: -o.cy)]
+        if noun == t.shape:  # sizes compare only within one shape: a large star covers less than a medium circle
+            superlatives += [("largest", lambda o: -o.area), ("smallest", lambda o: o.area)]
+        for word, key in superlatives:
             ranked = sorted(group, key=key)
             gap = abs(key(ranked[1]) - key(ranked[0]))
             need = 0.4 * ranked[0].area if word in ("largest", "smallest") else 2 * margin
@@ -166,9 +168,12 @@ def _relational(objs: list[Obj], t: Obj, rng: np.random.Generator) -> str | None
             name = _name(objs, a)
             if name is None:
                 continue
-            for word, d in (("left of", lambda o, a=a: a.cx - o.cx), ("right of", lambda o, a=a: o.cx - a.cx),
-                            ("above", lambda o, a=a: a.cy - o.cy), ("below", lambda o, a=a: o.cy - a.cy)):
-                if d(t) > margin and all(d(o) < 0 for o in group if o is not t):
+            for word, d, across in (("left of", lambda o, a=a: a.cx - o.cx, lambda o, a=a: abs(o.cy - a.cy)),
+                                    ("right of", lambda o, a=a: o.cx - a.cx, lambda o, a=a: abs(o.cy - a.cy)),
+                                    ("above", lambda o, a=a: a.cy - o.cy, lambda o, a=a: abs(o.cx - a.cx)),
+                                    ("below", lambda o, a=a: o.cy - a.cy, lambda o, a=a: abs(o.cx - a.cx))):
+                # the target lies mainly in that direction; every other candidate clearly on the other side
+                if d(t) > max(margin, across(t)) and all(d(o) < -margin for o in group if o is not t):
                     out.append(f"the {noun} {word} {name}")
     return str(rng.choice(out)) if out else None
 

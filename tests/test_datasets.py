@@ -197,3 +197,53 @@ def test_bundled_lisa_tiny_shapes_segments_shapes_ref(tmp_path, monkeypatch):
         r = model.segment(s.image, s.query, None, is_sentence=s.is_sentence)
         pairs.append(intersection_union(r.mask, s.gt_mask()))
     assert aggregate(pairs)["giou"] > BUNDLED_GIOU_FLOOR
+
+
+def test_shapes_ref_relations_hold_on_the_stored_masks(tmp_path):
+    """Re-derive every testB expression from the stored masks: the anchor is unique, the target lies mainly in the
+    named direction and is the only member of its group that does, superlatives pick the extreme member."""
+    from harness.datasets.refer import _decode
+
+    folder = generate("testB", tmp_path / "testB", n_images=25)
+    inst = json.loads((folder / "instances.json").read_text())
+    objs: dict[int, list[dict]] = {}
+    for a in inst["annotations"]:
+        ys, xs = np.nonzero(_decode(a["segmentation"], 256, 256))
+        objs.setdefault(a["image_id"], []).append(dict(id=a["id"], shape=SHAPES[a["category_id"] - 1], x=xs.mean(),
+                                                       y=ys.mean(), area=len(xs), **a["attributes"]))
+    noun = rf"(?:({'|'.join(SHAPES)})|({'|'.join(COLOURS)}) shape)"
+    rel = re.compile(rf"the {noun} (left of|right of|above|below) the (?:({'|'.join(COLOURS)}) )?(\w+)$")
+    sup = re.compile(rf"the (leftmost|rightmost|topmost|bottommost|largest|smallest) {noun}$")
+
+    def member(o, shape, colour):
+        return o["shape"] == shape if shape else o["colour"] == colour
+
+    refs = safe_load_pickle(folder / "refs(unc).p")
+    assert len(refs) >= 25
+    for ref in refs:
+        sent, scene = ref["sentences"][0]["sent"], objs[ref["image_id"]]
+        target = next(o for o in scene if o["id"] == ref["ann_id"])
+        group = [o for o in scene if member(o, *(m.groups()[1:3] if (m := sup.match(sent)) else rel.match(sent)
+                                                 .groups()[:2]))]
+        assert target in group, sent
+        if m := sup.match(sent):
+            word = m.group(1)
+            key = {"leftmost": lambda o: o["x"], "rightmost": lambda o: -o["x"], "topmost": lambda o: o["y"],
+                   "bottommost": lambda o: -o["y"], "largest": lambda o: -o["area"], "smallest": lambda o: o["area"]}
+            assert min(group, key=key[word]) is target, sent
+            if word in ("largest", "smallest"):
+                assert m.group(2), f"size superlatives compare one shape only: {sent}"
+            continue
+        _, _, word, a_colour, a_word = rel.match(sent).groups()
+        anchors = [o for o in scene if (a_colour is None or o["colour"] == a_colour)
+                   and (a_word == "shape" or o["shape"] == a_word) and (a_word != "shape" or a_colour)]
+        if a_word in COLOURS:  # "the red shape": colour without a shape
+            anchors = [o for o in scene if o["colour"] == a_word]
+        assert len(anchors) == 1, sent
+        a = anchors[0]
+        along = {"left of": lambda o: a["x"] - o["x"], "right of": lambda o: o["x"] - a["x"],
+                 "above": lambda o: a["y"] - o["y"], "below": lambda o: o["y"] - a["y"]}[word]
+        across = (lambda o: abs(o["y"] - a["y"])) if "of" in word else (lambda o: abs(o["x"] - a["x"]))
+        # stored masks are the visible pixels: allow a few pixels for occlusion and rasterisation
+        assert along(target) > across(target) - 4 and along(target) > 2, sent
+        assert all(along(o) < 0 for o in group if o is not target), sent
