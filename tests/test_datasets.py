@@ -241,9 +241,9 @@ def test_shapes_ref_relations_hold_on_the_stored_masks(tmp_path):
             anchors = [o for o in scene if o["colour"] == a_word]
         assert len(anchors) == 1, sent
         a = anchors[0]
-        along = {"left of": lambda o: a["x"] - o["x"], "right of": lambda o: o["x"] - a["x"],
-                 "above": lambda o: a["y"] - o["y"], "below": lambda o: o["y"] - a["y"]}[word]
-        across = (lambda o: abs(o["y"] - a["y"])) if "of" in word else (lambda o: abs(o["x"] - a["x"]))
+        axis, sign = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "below": ("y", 1)}[word]
+        other = "y" if axis == "x" else "x"
+        along = {id(o): sign * (o[axis] - a[axis]) for o in group}
         # stored masks are the visible pixels: allow a few pixels for occlusion and rasterisation
-        assert along(target) > across(target) - 4 and along(target) > 2, sent
-        assert all(along(o) < 0 for o in group if o is not target), sent
+        assert along[id(target)] > abs(target[other] - a[other]) - 4 and along[id(target)] > 2, sent
+        assert all(along[id(o)] < 0 for o in group if o is not target), sent
