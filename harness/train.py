@@ -151,15 +151,9 @@ def patch_targets(objects: list[dict], grid: int = 16, size: int = 256) -> dict[
 
 
 # -- losses -----------------------------------------------------------------------------------------------------
-def dice_loss(logits: Tensor, target: Tensor) -> Tensor:
-    p = logits.sigmoid().flatten(1)
-    t = target.flatten(1)
-    return (1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
-
-
 def mask_losses(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """LISA's BCE and Dice on (B, H, W) logits at the image size."""
-    return F.binary_cross_entropy_with_logits(logits, target), dice_loss(logits, target)
+    return F.binary_cross_entropy_with_logits(logits, target), _dice_each(logits, target).mean()
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
