@@ -243,9 +243,6 @@ def doctor() -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
-    main()
-
 
 @main.group()
 def train() -> None:
@@ -322,3 +319,7 @@ def data(dataset, splits, data_root) -> None:
         samples = harness.load_dataset(name, split, root=data_root)
         where = f"  ({shapes.split_dir(split, progress=False)})" if name == "shapes-ref" and not data_root else ""
         click.echo(f"{name}:{split}  {len(samples)} queries on {len({s.image_id for s in samples})} images{where}")
+
+
+if __name__ == "__main__":
+    main()

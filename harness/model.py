@@ -397,12 +397,26 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def write_checksum(path: Path) -> None:
+    """Store `path`'s SHA-256 next to it (`<name>.sha256`), for `verify_checksum`."""
+    Path(f"{path}.sha256").write_text(_sha256(path) + "\n")
+
+
+def verify_checksum(path: Path, fix: str) -> None:
+    """One-line error, ending with `fix`, if `path` or its checksum is missing or they disagree."""
+    checksum = Path(f"{path}.sha256")
+    if not path.is_file() or not checksum.is_file():
+        raise ValueError(f"bundled weights {path} are missing; {fix}")
+    if _sha256(path) != checksum.read_text().strip():
+        raise ValueError(f"{path} does not match its checksum (corrupt or modified); {fix}")
+
+
 def bundle_model(folder: str | os.PathLike, dest: str | os.PathLike = BUNDLED) -> Path:
     """Write a trained model folder as a package asset: fp16 weights, a checksum, and its training log."""
     dest = Path(dest)
     model = SegModel.from_pretrained(folder).to(torch.float16)
     model.save_pretrained(dest)
-    (dest / "model.safetensors.sha256").write_text(_sha256(dest / "model.safetensors") + "\n")
+    write_checksum(dest / "model.safetensors")
     log = Path(folder) / "train_log.json"
     if log.is_file():
         (dest / "train_log.json").write_text(log.read_text())
@@ -414,13 +428,8 @@ def load_bundled(*, device: str | None = None, dtype: torch.dtype | None = None,
                  attn_implementation: str = "sdpa", folder: str | os.PathLike = BUNDLED) -> SegModel:
     """The embedded default: LISA at tiny size, trained by `segprune train tiny` on shapes-ref train."""
     folder = Path(folder)
-    weights, checksum = folder / "model.safetensors", folder / "model.safetensors.sha256"
-    if not weights.is_file() or not checksum.is_file():
-        raise ValueError(f"the bundled lisa-tiny-shapes weights are missing from {folder}; reinstall segprune or "
-                         f"train them with `segprune train tiny --bundle`")
-    if _sha256(weights) != checksum.read_text().strip():
-        raise ValueError(f"{weights} does not match its checksum (corrupt or modified); reinstall segprune or "
-                         f"retrain with `segprune train tiny --bundle`")
+    verify_checksum(folder / "model.safetensors",
+                    "reinstall segprune or train the weights with `segprune train tiny --bundle`")
     return SegModel.from_pretrained(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 

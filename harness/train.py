@@ -310,21 +310,20 @@ def lisa_batch(model: SegModel, data: ShapesTrainData, idx: list[int], dev: str,
     samples = [data.samples[i] for i in idx]
     clip_px = torch.stack([data.pixels(s.image_id)[0] for s in samples]).to(dev, torch.float32)
     sam_px = torch.stack([data.pixels(s.image_id)[1] for s in samples]).to(dev, torch.float32)
-    pre, posts = None, []
-    for s in samples:
-        p, q = model.prompt_ids(s.query, s.is_sentence)
-        pre, _ = p, posts.append(q)
+    prompts = [model.prompt_ids(s.query, s.is_sentence) for s in samples]
+    pre, posts = prompts[0][0], [post for _, post in prompts]  # the part before the image is the same for all
     n_img = model.info.n_image_tokens
     width = max(len(q) for q in posts)
     pad = model.tokenizer.pad_token_id
     post = torch.tensor([q + [pad] * (width - len(q)) for q in posts], device=dev)
-    seg_at = torch.tensor([q.index(model.seg_token_id) for q in posts], device=dev)
+    seg_index = [q.index(model.seg_token_id) for q in posts]
+    seg_at = torch.tensor(seg_index, device=dev)
     # pointer rows: every token from the query's last word to the token before [SEG] (padded by repeating the last)
     n_pre = len(pre)
     spans = []
-    for s, q in zip(samples, posts, strict=True):
+    for s, q, k in zip(samples, posts, seg_index, strict=True):
         end = _query_end(q, model.tokenizer(s.query.strip(), add_special_tokens=False).input_ids)
-        spans.append(list(range(end, q.index(model.seg_token_id))))
+        spans.append(list(range(end, k)))
     width_r = max(len(r) for r in spans)
     ptr_rows = torch.tensor([[n_pre + n_img + i for i in r + [r[-1]] * (width_r - len(r))] for r in spans],
                             device=dev)
@@ -378,10 +377,10 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
     l_bce, l_dice = mask_losses(logits, batch["gt"])
     # training-only dense supervision
     l_ptr = torch.zeros((), device=dev)
-    cover = batch["cover"] / batch["cover"].sum(1, keepdim=True).clamp(min=1e-6)
+    on_target = (batch["cover"] > 0)[:, None]  # (B, 1, n_img) patches the target touches
     for li in pointer_layers:
         a = pointer_attention(lm.layers[li], lm.rotary_emb, hooks.store[li], batch["ptr_rows"])
-        mass = (a[:, :, n_pre:n_pre + n_img] * (cover[:, None] > 0)).sum(-1)  # (B, R)
+        mass = (a[:, :, n_pre:n_pre + n_img] * on_target).sum(-1)  # (B, R)
         l_ptr = l_ptr - torch.log(mass + 1e-4).mean()
     l_ptr = l_ptr / max(1, len(pointer_layers))
     target = point_embed.view(b, -1).float()

@@ -8,16 +8,13 @@ the same code.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
+from harness.model import verify_checksum, write_checksum
+
 BUNDLED_YOLO = Path(__file__).parent / "assets" / "yolo11n-seg-shapes.pt"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def yolo_data_yaml(folder: str | os.PathLike, train_split: str = "train", val_split: str = "val") -> Path:
@@ -60,8 +57,9 @@ def evaluate_yolo(weights: str | os.PathLike, data: str | os.PathLike, *, imgsz:
 
 def bundle_yolo(weights: str | os.PathLike, dest: str | os.PathLike = BUNDLED_YOLO) -> Path:
     dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, dest)
-    Path(f"{dest}.sha256").write_text(_sha256(dest) + "\n")
+    write_checksum(dest)
     return dest
 
 
@@ -74,8 +72,5 @@ def load_yolo(weights: str | os.PathLike | None = None):
         hint = "train it with `segprune train yolo --bundle`" if weights is None else "check the path"
         raise ValueError(f"YOLO-seg weights not found at {path}; {hint}")
     if weights is None:
-        checksum = Path(f"{path}.sha256")
-        if not checksum.is_file() or _sha256(path) != checksum.read_text().strip():
-            raise ValueError(f"{path} does not match its checksum; reinstall segprune or retrain with "
-                             f"`segprune train yolo --bundle`")
+        verify_checksum(path, "reinstall segprune or retrain with `segprune train yolo --bundle`")
     return YOLO(str(path), task="segment")
