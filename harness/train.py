@@ -1,7 +1,7 @@
 """`segprune train tiny`: train the bundled `lisa-tiny-shapes` model on shapes-ref train, deterministically.
 
 Training LISA end to end from scratch plateaus at gIoU ~0.17 (issue 3): the decoder has to learn to carry the
-referred object's location into the [SEG] embedding from a mask loss alone. So training is a curriculum of three
+referred object's location into the [SEG] embedding from a mask loss alone. So training is a curriculum of two
 stages, each with dense supervision used in training only (inference is exactly LISA's):
 
 1. **Vision** (CLIP tower + SAM). The CLIP tower learns per-patch targets of the object under each patch (colour,
@@ -10,17 +10,21 @@ stages, each with dense supervision used in training only (inference is exactly 
    is: a random point inside a random object, multimask output with the loss on the best of the three masks, the
    IoU head regressed to the true IoU, plus the single-mask output for the same point. Saved as `stage1/`, so a
    stopped run restarts after it.
-2. **Text** (decoder only, no image tokens, a sixth of the cost of a LISA step): every token from the query's last
-   word to the token before [SEG] predicts the query's bag of words, so the [SEG] predecessor learns to gather the
-   query before it has to find anything in the image.
-3. **LISA** (CLIP tower and SAM prompt encoder frozen, as in LISA; unlike LISA the small SAM image encoder keeps
+2. **LISA** (CLIP tower and SAM prompt encoder frozen, as in LISA; unlike LISA the small SAM image encoder keeps
    training, since 900 steps from scratch leave it far from SAM's quality, and SAM's point-prompt loss stays on so
-   automatic mask generation keeps working). Projector, decoder, lm_head, text_hidden_fcs and mask decoder learn
-   from LISA's losses: answer-text LM loss (weight 1, so `generate` mode emits [SEG]), mask BCE (2.0) and Dice
-   (0.5); plus (a) a pointer loss pulling one attention head per upper decoder layer (head 0 of layers L/2..L-1)
-   onto the target's patches, at every token from the query's last word to the token before [SEG], and (b) an
-   alignment loss pulling the [SEG] embedding toward SAM's point-prompt embedding of an interior point of the
-   target. Attribute queries only for the first fifth of the steps, then all families.
+   automatic mask generation keeps working). The decoder is re-initialised for its width (`reinit_decoder`).
+   Projector, decoder, lm_head, text_hidden_fcs and mask decoder learn from LISA's losses: answer-text LM loss
+   (weight 1, so `generate` mode emits [SEG]), mask BCE (2.0) and Dice (0.5); plus, at every token from the
+   query's last word to the token before [SEG]: (a) a gather loss spreading every head of decoder layer 0 evenly
+   over the query's tokens, (b) a pointer loss pulling head 0 of every later layer onto the target's patches, and
+   (c) an alignment loss pulling the [SEG] embedding toward SAM's point-prompt embedding of an interior point of
+   the target. Attribute queries only for the first fifth of the steps, then all families.
+
+   Measured on the 2-core CPU (issue 3 note; decoder cut to 3 layers, attribute queries, pointer and gather losses
+   only): without (a) the pointer stalls at ~0.2 attention mass on the target (every object gets some, none wins),
+   because the rows never hold the query; with (a) but LLaMA's init it reaches 0.29 after 150 steps; with both,
+   0.56. In the full stage the pointer improves the same way but the [SEG] embedding does not yet follow it
+   (the alignment loss stays flat), so the model is not at the issue's gIoU target yet.
 
 All stages run under bf16 autocast (fp32 weights; about 2x faster than fp32 on AVX512-BF16 CPUs), on CPU or CUDA.
 The result is a segprune model folder with `train_log.json` (config, learning curve, final scores);
@@ -50,8 +54,7 @@ RELATION_WORDS = {"left", "right", "above", "below", "leftmost", "rightmost", "t
 class TrainConfig:
     seed: int = 0
     vision_steps: int = 900
-    text_steps: int = 400
-    llm_steps: int = 1500
+    llm_steps: int = 1200
     batch: int = 16
     vision_lr: float = 2e-3
     llm_lr: float = 8e-4
@@ -321,9 +324,12 @@ def lisa_batch(model: SegModel, data: ShapesTrainData, idx: list[int], dev: str,
     # pointer rows: every token from the query's last word to the token before [SEG] (padded by repeating the last)
     n_pre = len(pre)
     spans = []
-    for s, q, k in zip(samples, posts, seg_index, strict=True):
-        end = _query_end(q, model.tokenizer(s.query.strip(), add_special_tokens=False).input_ids)
+    query_at = torch.zeros(len(samples), n_pre + n_img + width, device=dev)  # 1 at the query's tokens
+    for i, (s, q, k) in enumerate(zip(samples, posts, seg_index, strict=True)):
+        words = model.tokenizer(s.query.strip(), add_special_tokens=False).input_ids
+        end = _query_end(q, words)
         spans.append(list(range(end, k)))
+        query_at[i, n_pre + n_img + end - len(words) + 1:n_pre + n_img + end + 1] = 1
     width_r = max(len(r) for r in spans)
     ptr_rows = torch.tensor([[n_pre + n_img + i for i in r + [r[-1]] * (width_r - len(r))] for r in spans],
                             device=dev)
@@ -338,7 +344,7 @@ def lisa_batch(model: SegModel, data: ShapesTrainData, idx: list[int], dev: str,
         j = int(torch.randint(len(xs), (1,), generator=g))
         clicks.append([xs[j] + 0.5, ys[j] + 0.5])
     return dict(samples=samples, clip_px=clip_px, sam_px=sam_px, pre=torch.tensor(pre, device=dev), post=post,
-                posts=posts, seg_at=seg_at, ptr_rows=ptr_rows, gt=gt, cover=cover, points=points,
+                posts=posts, seg_at=seg_at, ptr_rows=ptr_rows, query_at=query_at, gt=gt, cover=cover, points=points,
                 clicks=torch.tensor(clicks, dtype=torch.float32, device=dev))
 
 
@@ -376,6 +382,15 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
     logits = F.interpolate(low[:, 0].float(), (256, 256), mode="bilinear", align_corners=False)[:, 0]
     l_bce, l_dice = mask_losses(logits, batch["gt"])
     # training-only dense supervision
+    # (a) gather: every head of layer 0 spreads its attention evenly over the query's tokens at the pointer rows
+    first = lm.layers[0]
+    n_heads = first.self_attn.config.num_attention_heads
+    q_at = batch["query_at"][:, None]  # (B, 1, T)
+    l_gather = torch.zeros((), device=dev)
+    for head in range(n_heads):
+        a = pointer_attention(first, lm.rotary_emb, hooks.store[0], batch["ptr_rows"], head=head)
+        l_gather = l_gather - ((torch.log(a + 1e-6) * q_at).sum(-1) / q_at.sum(-1)).mean() / n_heads
+    # (b) point: head 0 of every later layer puts its attention on the target's patches
     l_ptr = torch.zeros((), device=dev)
     on_target = (batch["cover"] > 0)[:, None]  # (B, 1, n_img) patches the target touches
     for li in pointer_layers:
@@ -386,17 +401,31 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
     target = point_embed.view(b, -1).float()
     l_align = F.mse_loss(prompt.float(), target) / target.var().clamp(min=1e-6)
     l_point, _ = point_prompt_loss(model, emb, batch["clicks"], batch["gt"])
-    loss = (l_lm + cfg.mask_weight * (2.0 * l_bce + 0.5 * l_dice) + cfg.pointer_weight * l_ptr
+    loss = (l_lm + cfg.mask_weight * (2.0 * l_bce + 0.5 * l_dice) + cfg.pointer_weight * (l_ptr + l_gather)
             + cfg.align_weight * l_align + cfg.point_weight * l_point)
     with torch.no_grad():
         iou = _iou_each(logits > 0, batch["gt"] > 0.5).mean()
-    return loss, dict(lm=l_lm.item(), bce=l_bce.item(), dice=l_dice.item(), ptr=l_ptr.item(), align=l_align.item(),
+    return loss, dict(lm=l_lm.item(), bce=l_bce.item(), dice=l_dice.item(), gather=l_gather.item(),
+                      ptr=l_ptr.item(), align=l_align.item(),
                       point=l_point.item(), iou=iou.item())
+
+
+def reinit_decoder(lm: nn.Module, seed: int) -> None:
+    """Re-initialise the decoder for training from scratch at this size: linear weights N(0, 1/fan_in), embeddings
+    N(0, 1). LLaMA's N(0, 0.02) suits 4096-wide models; at width 256 it shrinks every projection to a third, and
+    the pointer loss then stays at the "attend to every object" plateau (measured, issue 3 note)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in lm.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0, module.in_features ** -0.5)
+        lm.embed_tokens.weight.normal_(0, 1)
 
 
 def train_lisa(model: SegModel, data: ShapesTrainData, cfg: TrainConfig, log, evaluate=None) -> list[dict]:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     lm = model.language_model
+    reinit_decoder(lm, cfg.seed + 3)
     params = [*model.projector.parameters(), *lm.parameters(), *model.lm_head.parameters(),
               *model.text_hidden_fcs.parameters(), *model.sam.mask_decoder.parameters(),
               *model.sam.vision_encoder.parameters()]
@@ -406,8 +435,8 @@ def train_lisa(model: SegModel, data: ShapesTrainData, cfg: TrainConfig, log, ev
     model.vision_tower.eval()
     opt = torch.optim.AdamW(params, lr=cfg.llm_lr, weight_decay=0.01, betas=(0.9, 0.98))
     n_layers = len(lm.layers)
-    pointer_layers = list(range(n_layers // 2, n_layers))
-    hooks = LayerInputs([lm.layers[i] if i in pointer_layers else nn.Identity() for i in range(n_layers)])
+    pointer_layers = list(range(1, n_layers))
+    hooks = LayerInputs(list(lm.layers))
     curve, t0, run = [], time.time(), {}
     n_easy = int(cfg.easy_fraction * cfg.llm_steps)
     try:
@@ -442,59 +471,6 @@ def train_lisa(model: SegModel, data: ShapesTrainData, cfg: TrainConfig, log, ev
         hooks.remove()
     model.eval().requires_grad_(False)
     return curve
-
-
-# -- stage 1b: text ---------------------------------------------------------------------------------------------------
-def train_text(model: SegModel, data: ShapesTrainData, cfg: TrainConfig, log) -> None:
-    """Text-only warm-up of the decoder: at every token from the query's last word to the token before [SEG],
-    predict the bag of words of the query (no image tokens, so a step costs a sixth of a LISA step).
-
-    Without it the [SEG] predecessor has to learn to gather the query across 256 image tokens from the mask
-    loss alone, which stays on the gIoU ~0.1 plateau (measured: 500 LISA steps, two recipes)."""
-    g = torch.Generator().manual_seed(cfg.seed + 2)
-    lm = model.language_model
-    vocab = len(model.tokenizer)
-    head = nn.Linear(lm.config.hidden_size, vocab).to(cfg.device)
-    params = [*lm.parameters(), *head.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    lm.train()
-    opt = torch.optim.AdamW(params, lr=cfg.llm_lr, weight_decay=0.01, betas=(0.9, 0.98))
-    t0 = time.time()
-    for step in range(cfg.text_steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.llm_lr * lr_at(step, cfg.text_steps, cfg.warmup)
-        idx = torch.randint(len(data.samples), (cfg.batch * 2,), generator=g).tolist()
-        seqs, rows, bows = [], [], []
-        for i in idx:
-            s = data.samples[i]
-            pre, post = model.prompt_ids(s.query, s.is_sentence)
-            q = model.tokenizer(s.query.strip(), add_special_tokens=False).input_ids
-            end = _query_end(post, q)
-            seqs.append(pre + post)
-            rows.append([len(pre) + j for j in range(end, post.index(model.seg_token_id))])
-            bow = torch.zeros(vocab)
-            bow[q] = 1
-            bows.append(bow)
-        width = max(len(x) for x in seqs)
-        ids = torch.tensor([x + [model.tokenizer.pad_token_id] * (width - len(x)) for x in seqs], device=cfg.device)
-        with torch.autocast(cfg.device, dtype=torch.bfloat16):
-            out = lm(input_ids=ids).last_hidden_state
-            picked = torch.cat([out[b, r] for b, r in enumerate(rows)])
-            target = torch.cat([bows[b][None].expand(len(r), -1) for b, r in enumerate(rows)]).to(cfg.device)
-            loss = F.binary_cross_entropy_with_logits(head(picked).float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 50 == 0 or step == cfg.text_steps - 1:
-            with torch.no_grad():
-                exact = ((head(picked.float()) > 0) == (target > 0.5)).all(-1).float().mean().item()
-            log(f"text {step:5d}/{cfg.text_steps} loss {loss.item():.4f} bag-of-words exact {exact:.3f} "
-                f"({time.time() - t0:.0f}s)")
-    lm.eval()
-    for p in params:
-        p.requires_grad_(False)
 
 
 # -- evaluation and the command -------------------------------------------------------------------------------------
@@ -559,7 +535,6 @@ def train_tiny(out: str | Path, cfg: TrainConfig, log=print) -> Path:
         log(f"point-prompt mIoU on val objects: {pmiou}")
         model.save_pretrained(stage1)
         (stage1 / "stage1.json").write_text(json.dumps({"point_prompt_miou": pmiou, "config": asdict(cfg)}))
-    train_text(model, data, cfg, log)
     curve = train_lisa(model, data, cfg, log,
                        evaluate=lambda m: evaluate_split(m, "val", limit=cfg.eval_samples))
     final = {split: evaluate_split(model, split) for split in ("val", "testA", "testB", "reason")}

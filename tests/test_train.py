@@ -15,6 +15,7 @@ from harness.train import (
     lisa_batch,
     lisa_losses,
     pointer_attention,
+    reinit_decoder,
 )
 
 
@@ -58,7 +59,27 @@ def test_training_forward_gives_the_inference_seg_embedding(shapes_model_and_dat
     for i, s in enumerate(batch["samples"]):
         r = model.segment(s.image, s.query, None, is_sentence=s.is_sentence)
         assert torch.allclose(captured["h"][i], r.seg_hidden[0], atol=1e-5), s.query
-    assert torch.isfinite(loss) and set(parts) >= {"lm", "bce", "dice", "ptr", "align", "point"}
+    assert torch.isfinite(loss) and set(parts) >= {"lm", "bce", "dice", "gather", "ptr", "align", "point"}
+
+
+def test_gather_targets_are_exactly_the_query_tokens(shapes_model_and_data):
+    model, data = shapes_model_and_data
+    batch = lisa_batch(model, data, [0, 1, 2, 3], "cpu", torch.Generator().manual_seed(2))
+    n = len(batch["pre"]) + model.info.n_image_tokens
+    for i, s in enumerate(batch["samples"]):
+        marked = [t for t, on in zip(batch["posts"][i], batch["query_at"][i, n:].tolist(), strict=False) if on]
+        assert marked == model.tokenizer(s.query.strip(), add_special_tokens=False).input_ids, s.query
+        assert batch["query_at"][i, :n].sum() == 0
+        last_query_row = n + max(j for j, on in enumerate(batch["query_at"][i, n:].tolist()) if on)
+        assert int(batch["ptr_rows"][i, 0]) == last_query_row  # pointer rows start at the query's last word
+
+
+def test_reinit_decoder_scales_weights_to_their_fan_in():
+    lm = build_random(TINY_SHAPES, name="t", tokenizer=tiny_tokenizer()).language_model
+    reinit_decoder(lm, seed=0)
+    w = lm.layers[0].mlp.down_proj.weight
+    assert abs(float(w.std()) - w.shape[1] ** -0.5) < 0.1 * w.shape[1] ** -0.5
+    assert abs(float(lm.embed_tokens.weight.std()) - 1) < 0.05
 
 
 def test_lisa_losses_reach_the_trained_parameters(shapes_model_and_data):
