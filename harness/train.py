@@ -280,24 +280,29 @@ class LayerInputs:
             h.remove()
 
 
-def pointer_attention(layer: nn.Module, rotary: nn.Module, hidden: Tensor, rows: Tensor, head: int = 0) -> Tensor:
-    """Softmax attention of query rows `rows[b, r]` of head `head` over their causal keys. Returns (B, R, T)."""
+def pointer_attention(layer: nn.Module, rotary: nn.Module, hidden: Tensor, rows: Tensor,
+                      head: int | list[int] = 0) -> Tensor:
+    """Softmax attention of query rows `rows[b, r]` over their causal keys, for one head (returns (B, R, T)) or a
+    list of heads computed together (returns (B, H, R, T))."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     attn = layer.self_attn
     b, t, _ = hidden.shape
     hd = attn.head_dim
+    heads = torch.tensor([head] if isinstance(head, int) else head, device=hidden.device)
     x = layer.input_layernorm(hidden)
     batch = torch.arange(b, device=hidden.device)[:, None]
-    q = attn.q_proj(x[batch, rows]).view(b, rows.shape[1], -1, hd)[:, :, head]  # (B, R, hd)
-    k = attn.k_proj(x).view(b, t, -1, hd)[:, :, head // attn.num_key_value_groups]  # (B, T, hd)
+    q = attn.q_proj(x[batch, rows]).view(b, rows.shape[1], -1, hd)[:, :, heads].transpose(1, 2)  # (B, H, R, hd)
+    k = attn.k_proj(x).view(b, t, -1, hd)[:, :, heads // attn.num_key_value_groups].transpose(1, 2)  # (B, H, T, hd)
     positions = torch.arange(t, device=hidden.device)[None].expand(b, t)
     cos, sin = rotary(x, positions)  # (B, T, hd)
-    q = q * cos[batch, rows] + rotate_half(q) * sin[batch, rows]
-    k = k * cos + rotate_half(k) * sin
-    scores = (q.float() @ k.float().transpose(1, 2)) * attn.scaling  # (B, R, T)
-    scores = scores.masked_fill(positions[:, None, :] > rows[:, :, None], float("-inf"))
-    return scores.softmax(-1)
+    cq, sq = cos[batch, rows][:, None], sin[batch, rows][:, None]
+    q = q * cq + rotate_half(q) * sq
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling  # (B, H, R, T)
+    scores = scores.masked_fill((positions[:, None, :] > rows[:, :, None])[:, None], float("-inf"))
+    probs = scores.softmax(-1)
+    return probs[:, 0] if isinstance(head, int) else probs
 
 
 def _query_end(post: list[int], query_ids: list[int]) -> int:
@@ -386,10 +391,8 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
     first = lm.layers[0]
     n_heads = first.self_attn.config.num_attention_heads
     q_at = batch["query_at"][:, None]  # (B, 1, T)
-    l_gather = torch.zeros((), device=dev)
-    for head in range(n_heads):
-        a = pointer_attention(first, lm.rotary_emb, hooks.store[0], batch["ptr_rows"], head=head)
-        l_gather = l_gather - ((torch.log(a + 1e-6) * q_at).sum(-1) / q_at.sum(-1)).mean() / n_heads
+    a = pointer_attention(first, lm.rotary_emb, hooks.store[0], batch["ptr_rows"], head=list(range(n_heads)))
+    l_gather = -((torch.log(a + 1e-6) * q_at[:, None]).sum(-1) / q_at.sum(-1)[:, None]).mean()
     # (b) point: head 0 of every later layer puts its attention on the target's patches
     l_ptr = torch.zeros((), device=dev)
     on_target = (batch["cover"] > 0)[:, None]  # (B, 1, n_img) patches the target touches

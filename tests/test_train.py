@@ -41,6 +41,10 @@ def test_pointer_attention_matches_the_engines_attention_rows(tiny):
     for b in range(2):
         ref = attention_rows(lm.layers[3], lm.rotary_emb, hidden[b:b + 1], torch.arange(40), rows[b], head_mean=False)
         assert torch.allclose(got[b], ref[1], atol=1e-5)
+    layer = lm.layers[3]
+    every = pointer_attention(layer, lm.rotary_emb, hidden, rows, head=[0, 1, 2, 3])
+    one_by_one = torch.stack([pointer_attention(layer, lm.rotary_emb, hidden, rows, head=h) for h in range(4)], 1)
+    assert every.shape == (2, 4, 2, 40) and torch.allclose(every, one_by_one, atol=1e-6)
 
 
 def test_training_forward_gives_the_inference_seg_embedding(shapes_model_and_data):
