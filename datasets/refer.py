@@ -41,10 +41,26 @@ class RestrictedUnpickler(pickle.Unpickler):
                                      f"strings and numbers; this file is not a plain refs pickle")
 
 
+def _text(obj: object) -> object:
+    """Python 2 `str` values arrive as bytes (encoding="bytes"): decode them as UTF-8, else Latin-1, everywhere."""
+    if isinstance(obj, bytes):
+        try:
+            return obj.decode("utf-8")
+        except UnicodeDecodeError:
+            return obj.decode("latin-1")
+    if isinstance(obj, dict):
+        return {_text(k): _text(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_text(v) for v in obj)
+    return obj
+
+
 def safe_load_pickle(path: str | os.PathLike) -> object:
+    """The refs pickle, restricted to plain data. The official refs files were written by Python 2, whose byte
+    strings Python 3 would decode as ASCII (and fail on any accented sentence); they are read as bytes and decoded."""
     data = Path(path).read_bytes()
     try:
-        return RestrictedUnpickler(io.BytesIO(data)).load()
+        return _text(RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load())
     except RefusedImport as err:
         raise ValueError(f"{path}: {err}") from None
     except Exception as err:  # truncated or not a pickle at all

@@ -94,6 +94,9 @@ def test_restricted_unpickler_refuses_imports(tmp_path):
         safe_load_pickle(path)
     path.write_bytes(pickle.dumps([{"ref_id": 1, "sentences": [{"sent": "a", "tokens": ["a"]}], "box": (1.0, 2)}]))
     assert safe_load_pickle(path)[0]["box"] == (1.0, 2)
+    # a Python 2 pickle: protocol 2, a list holding the byte string "café" (UTF-8) and a Latin-1 "naïve"
+    path.write_bytes(b"\x80\x02]q\x00(U\x05caf\xc3\xa9q\x01U\x05na\xefveq\x02e.")
+    assert safe_load_pickle(path) == ["café", "naïve"]
     path.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="not a readable refs pickle"):
         safe_load_pickle(path)
