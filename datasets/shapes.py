@@ -287,7 +287,12 @@ def _yolo_line(o: Obj) -> str:
     import cv2
 
     contours, _ = cv2.findContours(o.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    c = max(contours, key=cv2.contourArea).reshape(-1, 2) / IMAGE_SIZE
+    parts = [c.reshape(-1) for c in contours]
+    if len(parts) > 1:  # an object split by occlusion: one polygon joined the way ultralytics converts COCO
+        from ultralytics.data.converter import merge_multi_segment
+
+        parts = merge_multi_segment(parts)
+    c = np.concatenate(parts).reshape(-1, 2) / IMAGE_SIZE
     return f"{SHAPES.index(o.shape)} " + " ".join(f"{v:.5f}" for v in c.reshape(-1)) + "\n"
 
 

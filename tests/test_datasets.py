@@ -250,3 +250,18 @@ def test_shapes_ref_relations_hold_on_the_stored_masks(tmp_path):
         # stored masks are the visible pixels: allow a few pixels for occlusion and rasterisation
         assert along[id(target)] > abs(target[other] - a[other]) - 4 and along[id(target)] > 2, sent
         assert all(along[id(o)] < 0 for o in group if o is not target), sent
+
+
+def test_yolo_label_keeps_every_part_of_an_occluded_object():
+    import cv2
+
+    from harness.datasets.shapes import IMAGE_SIZE, Obj, _yolo_line
+
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    mask[20:60, 20:60] = mask[150:200, 120:180] = True  # one object cut in two by an occluder
+    line = _yolo_line(Obj("square", "red", "large", 30.0, 40.0, 40.0, 0.0, mask))
+    cls, *xy = line.split()
+    assert int(cls) == SHAPES.index("square")
+    poly = (np.array(xy, float).reshape(-1, 2) * IMAGE_SIZE).round().astype(np.int32)
+    drawn = cv2.fillPoly(np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8), [poly], 1).astype(bool)
+    assert (drawn & mask).sum() / (drawn | mask).sum() > 0.9  # both parts, joined by a thin line
