@@ -314,7 +314,9 @@ def load_image(image: Any) -> Image.Image:
     try:
         with Image.open(path) as im:
             return ImageOps.exif_transpose(im).convert("RGB")  # as cv2.imread in LISA: EXIF orientation applied
-    except (OSError, SyntaxError) as err:
+    except (OSError, SyntaxError, ImportError) as err:
+        # ImportError: once ultralytics is imported it wraps Image.open and, on a file PIL cannot identify, tries to
+        # import the optional HEIF plugin (pi_heif), so a corrupt file surfaces as ModuleNotFoundError
         raise ValueError(f"cannot decode image {path}: {err}; check the file is a valid image") from None
 
 

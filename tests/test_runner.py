@@ -121,6 +121,8 @@ def test_table_of_a_folder_that_is_not_a_run(tmp_path):
 
 
 def test_undecodable_image_is_a_readable_error(tmp_path, tiny):
+    import ultralytics  # noqa: F401  (it wraps Image.open; a corrupt file must still give the readable error)
+
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot decode image"):
