@@ -129,14 +129,15 @@ def table(run_dir, fmt) -> None:
 @friendly
 def methods(as_json) -> None:
     """Every registered method with its stage, parameters, defaults and citation."""
-    from harness.method import METHODS, describe_params
+    from harness.method import METHODS, budget_rule, describe_params
 
     entries = []
     for name, cls in sorted(METHODS.items()):
         params = [{"name": p.name, "type": p.type_name, "default": p.default, "help": p.help}
                   for p in describe_params(cls)]
         entries.append({"name": name, "stage": cls.stage, "position_policy": cls.position_policy,
-                        "citation": cls.citation, "deviations": cls.deviations, "params": params})
+                        "citation": cls.citation, "deviations": cls.deviations, "budget": budget_rule(cls),
+                        "params": params})
     if as_json:
         click.echo(json.dumps(entries, indent=2, default=str))
         return
@@ -146,6 +147,7 @@ def methods(as_json) -> None:
             click.echo(f"    {p['name']}: {p['type']} = {p['default']!r}  {p['help']}")
         if e["deviations"]:
             click.echo(f"    deviations: {e['deviations']}")
+        click.echo(f"    budget (name@75% or name@navg=64): {e['budget'] or 'no mapping; give parameters'}")
 
 
 @main.command()
@@ -184,12 +186,13 @@ def flops(arch, model, text_tokens, method, schedule, image_tokens) -> None:
     if schedule:
         sched = _parse_schedule(schedule)
     elif method:
-        m = create_method(method)
         d, h, kv, hd, inter, _ = a.llm_dims
         info = ModelInfo(n_layers=n_layers, n_image_tokens=n_img, grid=(int(n_img**0.5),) * 2, hidden_size=d,
                          n_heads=h, n_kv_heads=kv, head_dim=hd, intermediate_size=inter,
                          vision_layers=a.vision_layers_run, vision_hidden_size=(a.vision or {}).get("hidden_size", 0))
+        m = create_method(method, info=info)  # "fastv@75%" resolves against this architecture
         m.bind(info)
+        click.echo(f"method: {m.spec()}")
         sched = m.image_schedule(info)
         if sched is None:
             raise ValueError(f"{m.name} chooses its token count per input; run it on a model to get its FLOPs")

@@ -102,6 +102,12 @@ class Method:
         """Image tokens per LLM layer if they do not depend on the input (for analytic FLOPs), else None."""
         return None
 
+    @classmethod
+    def for_budget(cls, info: ModelInfo, n_avg: float, **fixed: Any) -> Method:
+        """The method with the parameters that make its average image tokens per LLM layer (N_avg, LVLM_CSP eq. 9)
+        closest to `n_avg` on this model; `fixed` parameters are kept as given. Each method documents its rule."""
+        raise ValueError(f"{cls.name} has no budget mapping; give its parameters explicitly (segprune methods)")
+
     # -- helpers ---------------------------------------------------------------------------------------------
     def overrides(self, event: str) -> bool:
         return getattr(type(self), event) is not getattr(Method, event)
@@ -257,23 +263,104 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, kwargs
 
 
-def create_method(spec_or_name: str | Method | None = None, **kwargs: Any) -> Method:
+# -- budgets ---------------------------------------------------------------------------------------------------
+def budget_rule(cls: type[Method]) -> str:
+    """How a method meets a budget: the "Budget mapping:" paragraph of its docstring, else its `for_budget` doc."""
+    if cls.for_budget.__func__ is Method.for_budget.__func__:
+        return ""
+    m = re.search(r"Budget mapping: (.*?)(\n\s*\n|\Z)", cls.__doc__ or "", re.S)
+    text = m.group(1) if m else (cls.for_budget.__doc__ or "")
+    return " ".join(text.split())
+
+
+BUDGET_TOLERANCE = 0.02  # a budget is met when |achieved - target| N_avg is within 2% of the unpruned count N
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost target for a method: the image-token reduction r = 1 - N_avg / N (LVLM_CSP's pruning ratio, Table 6:
+    the fraction of image-token-layer work removed, exactly the share of the per-token projection and FFN FLOPs),
+    or the average image tokens per LLM layer N_avg itself."""
+
+    reduction: float | None = None
+    n_avg: float | None = None
+
+    def __post_init__(self):
+        if (self.reduction is None) == (self.n_avg is None):
+            raise ValueError("a budget is either a reduction (e.g. @75% or @0.75) or an average count (@navg=64)")
+        if self.reduction is not None and not 0.0 <= self.reduction < 1.0:
+            raise ValueError(f"a budget reduction must be in [0, 1) (e.g. @75%), got {self.reduction}")
+        if self.n_avg is not None and self.n_avg <= 0:
+            raise ValueError(f"a budget N_avg must be > 0, got {self.n_avg}")
+
+    def target(self, info: ModelInfo) -> float:
+        """The target N_avg on a model."""
+        return self.n_avg if self.n_avg is not None else (1.0 - self.reduction) * info.n_image_tokens
+
+    def __str__(self) -> str:
+        return f"navg={_format_value(self.n_avg)}" if self.n_avg is not None else f"{self.reduction * 100:g}%"
+
+
+def split_budget(spec: str) -> tuple[str, Budget | None]:
+    """Split "name:k=v@75%" (also "@0.75", "@navg=64") into ("name:k=v", Budget)."""
+    head, at, tail = spec.partition("@")
+    if not at:
+        return spec, None
+    t = tail.strip().replace(" ", "")
+    try:
+        if t.startswith("navg="):
+            return head, Budget(n_avg=float(t[5:]))
+        return head, Budget(reduction=float(t[:-1]) / 100 if t.endswith("%") else float(t))
+    except ValueError as err:
+        if "budget" in str(err):
+            raise
+        raise ValueError(f"cannot read the budget {tail!r} in {spec!r}; write @75% , @0.75 or @navg=64") from None
+
+
+def achieved_n_avg(method: Method, info: ModelInfo) -> float | None:
+    sched = method.image_schedule(info)
+    return None if sched is None else sum(sched) / len(sched)
+
+
+def create_method(spec_or_name: str | Method | None = None, *, info: ModelInfo | None = None,
+                  **kwargs: Any) -> Method:
     """Build a method from "name:key=value,..." and/or keyword arguments (keywords win).
 
-    Unknown names and parameters raise ValueError listing the valid choices; values are coerced to the annotated
-    types; range checks happen in the method's __init__.
+    A budget suffix ("fastv@75%", "pdrop@navg=64", "fastv:k=3@0.8") asks the method's `for_budget` mapping for the
+    parameters that meet it on the model described by `info`; explicit parameters stay fixed. A mapping that
+    cannot reach the target within `BUDGET_TOLERANCE` raises ValueError. Unknown names and parameters raise
+    ValueError listing the valid choices; values are coerced to the annotated types; range checks happen in the
+    method's __init__.
     """
     if isinstance(spec_or_name, Method):
         if kwargs:
             raise ValueError("cannot pass keyword arguments with an already-built method")
         return spec_or_name
-    name, spec_kwargs = parse_spec(spec_or_name or "none")
+    spec, budget = split_budget(spec_or_name or "none")
+    if budget is not None:
+        if info is None:
+            raise ValueError(f"{spec_or_name!r} has a budget, which depends on the model; resolve it with the model "
+                             f"(create_method(spec, info=model.info))")
+        name, fixed = parse_spec(spec)
+        cls = METHODS.get(name)
+        fixed = resolve_params(cls, {**fixed, **{k: v for k, v in kwargs.items() if v is not None}})
+        target = budget.target(info)
+        method = cls.for_budget(info, target, **fixed)
+        method.bind(info)
+        got = achieved_n_avg(method, info)
+        if got is not None and abs(got - target) > BUDGET_TOLERANCE * info.n_image_tokens:
+            raise ValueError(f"{cls.name} cannot reach {budget} (N_avg {target:.1f}) on this model: its closest "
+                             f"setting {method.spec()} has N_avg {got:.1f}")
+        return method
+    name, spec_kwargs = parse_spec(spec)
     cls = METHODS.get(name)
+    return cls(**resolve_params(cls, {**spec_kwargs, **{k: v for k, v in kwargs.items() if v is not None}}))
+
+
+def resolve_params(cls: type[Method], given: dict[str, Any]) -> dict[str, Any]:
     params = {p.name: p for p in describe_params(cls)}
-    given = {**spec_kwargs, **{k: v for k, v in kwargs.items() if v is not None}}
     unknown = sorted(set(given) - set(params))
     if unknown:
         valid = ", ".join(params) or "none"
         raise ValueError(f"{cls.name}: unknown parameter(s) {', '.join(unknown)}; valid parameters: {valid}")
-    resolved = {k: _coerce(k, v, params[k].annotation, cls.name) for k, v in given.items()}
-    return cls(**resolved)
+    return {k: _coerce(k, v, params[k].annotation, cls.name) for k, v in given.items()}

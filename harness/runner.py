@@ -28,7 +28,7 @@ import torch
 import harness
 from harness.flops import Arch, llm_flops
 from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
-from harness.method import create_method
+from harness.method import METHODS, Method, create_method, parse_spec, resolve_params, split_budget
 from harness.metrics import aggregate, intersection_union, sample_iou
 
 
@@ -62,7 +62,7 @@ def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterabl
     """Cells for every model x method x dataset ("name:split"); method specs are resolved and validated first."""
     if decode != "template":
         raise ValueError(f"decode mode {decode!r} is not available yet; use 'template' (LISA's evaluation)")
-    resolved = [create_method(m).spec() for m in methods]
+    resolved = [canonical_spec(m) for m in methods]
     cells = []
     for model in models:
         for ds in datasets:
@@ -71,6 +71,21 @@ def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterabl
                 cells.append(Cell(model=str(model), method=spec, dataset=name, split=split or "val", decode=decode,
                                   limit=limit, dtype=dtype, attn=attn, data_root=data_root))
     return cells
+
+
+def canonical_spec(spec: str) -> str:
+    """A method spec with every parameter resolved; a budget spec ("fastv@75%") keeps its budget, which is resolved
+    against each model when its cell runs (the resolved parameters are stored with the cell's records)."""
+    head, budget = split_budget(spec)
+    if budget is None:
+        return create_method(spec).spec()
+    name, fixed = parse_spec(head)
+    cls = METHODS.get(name)
+    resolve_params(cls, fixed)  # unknown or mistyped fixed parameters fail now, not when the cell runs
+    if cls.for_budget.__func__ is Method.for_budget.__func__:
+        raise ValueError(f"{cls.name} has no budget mapping; give its parameters explicitly (segprune methods)")
+    kv = ",".join(f"{k}={v}" for k, v in sorted(fixed.items()))
+    return f"{cls.name}{':' + kv if kv else ''}@{budget}"
 
 
 def environment(model: Any = None) -> dict[str, Any]:
@@ -176,12 +191,13 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
     """Run the unfinished samples of one cell, appending one flushed JSON line per sample."""
     cells_dir = out_dir / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    meta = {**asdict(cell), "id": cell.id, "expected": len(samples), "environment": environment(model)}
+    method = create_method(cell.method, info=model.info)
+    meta = {**asdict(cell), "id": cell.id, "resolved_method": method.spec(), "expected": len(samples),
+            "environment": environment(model)}
     (cells_dir / f"{cell.id}.json").write_text(json.dumps(meta, indent=2))
     path = cells_dir / f"{cell.id}.jsonl"
     records = read_records(path, repair=True)
     done = {r["sample_id"] for r in records}
-    method = create_method(cell.method)
     arch = Arch.from_model(model)
     cache = cache or ImageCache(model)
     watch = Stopwatch(model.device)
@@ -215,9 +231,11 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
     return records
 
 
-def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | None = None) -> dict[str, Any]:
+def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | None = None,
+                   resolved: str | None = None) -> dict[str, Any]:
+    """One summary row; `resolved` is the method with every parameter (a budget spec's mapping on the model)."""
     row: dict[str, Any] = {"cell": cell.id, "model": cell.model, "method": cell.method_name, "spec": cell.method,
-                           "dataset": cell.dataset, "split": cell.split}
+                           "resolved": resolved or cell.method, "dataset": cell.dataset, "split": cell.split}
     row.update(aggregate((r["intersection"], r["union"]) for r in records))
     row["complete"] = expected is None or len(records) >= expected
     if records:
@@ -263,7 +281,7 @@ def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[
         dkey = (cell.dataset, cell.split, cell.data_root, cell.limit)
         if dkey not in datasets:
             datasets[dkey] = harness.load_dataset(cell.dataset, cell.split, root=cell.data_root, limit=cell.limit)
-        create_method(cell.method).bind(models[key].info)
+        create_method(cell.method, info=models[key].info).bind(models[key].info)
         ready.append(replace(cell, model_fingerprint=models[key].fingerprint()))
     return ready, models, datasets
 
@@ -296,7 +314,8 @@ def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = Non
                 if bar is not None:
                     bar.close()
             ids = {s.id for s in samples}
-            rows.append(summarize_cell(cell, [r for r in records if r["sample_id"] in ids], len(samples)))
+            resolved = create_method(cell.method, info=models[key].info).spec()
+            rows.append(summarize_cell(cell, [r for r in records if r["sample_id"] in ids], len(samples), resolved))
     finally:
         if rows:
             pd.DataFrame(rows).to_csv(out_dir / "summary.csv", index=False)
@@ -318,10 +337,11 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
         cell = Cell(**{k: v for k, v in c.items() if k in Cell.__dataclass_fields__})
         records = read_records(run_dir / "cells" / f"{cid}.jsonl")
         meta = run_dir / "cells" / f"{cid}.json"
-        expected = json.loads(meta.read_text()).get("expected") if meta.is_file() else cell.limit
+        info = json.loads(meta.read_text()) if meta.is_file() else {}
+        expected = info.get("expected", cell.limit)
         if expected is not None:
             records = records[:expected]  # records are in dataset order; a smaller limit shows its prefix
-        row = summarize_cell(cell, records, expected)
+        row = summarize_cell(cell, records, expected, info.get("resolved_method"))
         row["cell"] = cid
         row["missing"] = not records
         rows.append(row)
