@@ -69,6 +69,14 @@ class RandomDrop(Method):
         n = info.n_image_tokens
         return [n] * self.k + [self.keep_count(n)] * (info.n_layers - self.k)
 
+    @classmethod
+    def for_budget(cls, info: ModelInfo, n_avg: float, **fixed) -> RandomDrop:
+        """FastV's mapping (K kept, lowered only if needed; R from the keep count)."""
+        from harness.methods.fastv import one_drop_budget
+
+        k, keep = one_drop_budget(cls.name, info, n_avg, fixed.get("k", 2), lower_k="k" not in fixed)
+        return cls(**{**fixed, "k": k, "ratio": 1 - keep / info.n_image_tokens})
+
 
 @register("downsample")
 class Downsample(Method):
@@ -109,3 +117,11 @@ class Downsample(Method):
     def image_schedule(self, info: ModelInfo) -> list[int]:
         h, w = info.grid
         return [-(-h // self.stride) * -(-w // self.stride)] * info.n_layers
+
+    @classmethod
+    def for_budget(cls, info: ModelInfo, n_avg: float, **fixed) -> Downsample:
+        """The stride whose pooled grid is closest to the target (strides are discrete: few budgets are reachable
+        within the tolerance)."""
+        best = min(range(1, min(info.grid) + 1),
+                   key=lambda s: abs(cls(stride=s).image_schedule(info)[0] - n_avg))
+        return cls(**{**fixed, "stride": best})
