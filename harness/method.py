@@ -82,6 +82,7 @@ class Method:
     keep_all: ClassVar[dict[str, Any] | None] = None
     exact_reference: ClassVar[bool] = True
     deviations: ClassVar[str] = ""
+    budget_params: ClassVar[tuple[str, ...]] = ()  # the parameters `for_budget` solves for (cannot also be fixed)
 
     def bind(self, info: ModelInfo) -> None:
         """Check the hyperparameters against the model; raise ValueError with a fix-it message if they do not fit."""
@@ -317,6 +318,43 @@ def split_budget(spec: str) -> tuple[str, Budget | None]:
         raise ValueError(f"cannot read the budget {tail!r} in {spec!r}; write @75% , @0.75 or @navg=64") from None
 
 
+def scale_layers(layers: tuple[int, ...] | list[int], n_layers: int, depth: int = 32) -> list[int]:
+    """Layer indices given for a `depth`-layer LLM (LLaVA-1.5-7B: 32) scaled to a model's depth: round(b L / depth),
+    made strictly increasing inside 1..L-1 (8 layers: [8, 16, 24] -> [2, 4, 6])."""
+    out: list[int] = []
+    for b in layers:
+        v = max(round(b * n_layers / depth), out[-1] + 1 if out else 1)
+        if v >= n_layers:
+            raise ValueError(f"the model's {n_layers} layers are too few for the boundaries {list(layers)} (given "
+                             f"for {depth} layers); pass explicit layer indices")
+        out.append(v)
+    return out
+
+
+def budget_spec(spec: str) -> str:
+    """The canonical text of a budget spec ("fastv:score=seg@75%"): name, fixed parameters coerced and formatted
+    like `Method.spec`, budget. Fails now on an unknown method or parameter, a missing mapping or a fixed
+    parameter the mapping solves for."""
+    head, budget = split_budget(spec)
+    if budget is None:
+        raise ValueError(f"{spec!r} has no budget")
+    name, fixed = parse_spec(head)
+    cls = METHODS.get(name)
+    fixed = _check_budget_params(cls, resolve_params(cls, fixed), budget)
+    kv = ",".join(f"{k}={_format_value(v)}" for k, v in sorted(fixed.items()))
+    return f"{cls.name}{':' + kv if kv else ''}@{budget}"
+
+
+def _check_budget_params(cls: type[Method], fixed: dict[str, Any], budget: Budget) -> dict[str, Any]:
+    if cls.for_budget.__func__ is Method.for_budget.__func__:
+        raise ValueError(f"{cls.name} has no budget mapping; give its parameters explicitly (segprune methods)")
+    both = sorted(set(fixed) & set(cls.budget_params))
+    if both:
+        raise ValueError(f"{cls.name}: {', '.join(both)} is what @{budget} solves for; give either the budget or "
+                         f"{', '.join(both)}")
+    return fixed
+
+
 def achieved_n_avg(method: Method, info: ModelInfo) -> float | None:
     sched = method.image_schedule(info)
     return None if sched is None else sum(sched) / len(sched)
@@ -344,13 +382,14 @@ def create_method(spec_or_name: str | Method | None = None, *, info: ModelInfo |
         name, fixed = parse_spec(spec)
         cls = METHODS.get(name)
         fixed = resolve_params(cls, {**fixed, **{k: v for k, v in kwargs.items() if v is not None}})
+        _check_budget_params(cls, fixed, budget)
         target = budget.target(info)
         method = cls.for_budget(info, target, **fixed)
         method.bind(info)
         got = achieved_n_avg(method, info)
         if got is not None and abs(got - target) > BUDGET_TOLERANCE * info.n_image_tokens:
             raise ValueError(f"{cls.name} cannot reach {budget} (N_avg {target:.1f}) on this model: its closest "
-                             f"setting {method.spec()} has N_avg {got:.1f}")
+                             f"setting {method.spec()} has N_avg {got:.1f}; ask for that budget or give parameters")
         return method
     name, spec_kwargs = parse_spec(spec)
     cls = METHODS.get(name)

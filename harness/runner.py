@@ -28,7 +28,7 @@ import torch
 import harness
 from harness.flops import Arch, llm_flops
 from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
-from harness.method import METHODS, Method, create_method, parse_spec, resolve_params, split_budget
+from harness.method import budget_spec, create_method, split_budget
 from harness.metrics import aggregate, intersection_union, sample_iou
 
 
@@ -76,16 +76,7 @@ def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterabl
 def canonical_spec(spec: str) -> str:
     """A method spec with every parameter resolved; a budget spec ("fastv@75%") keeps its budget, which is resolved
     against each model when its cell runs (the resolved parameters are stored with the cell's records)."""
-    head, budget = split_budget(spec)
-    if budget is None:
-        return create_method(spec).spec()
-    name, fixed = parse_spec(head)
-    cls = METHODS.get(name)
-    resolve_params(cls, fixed)  # unknown or mistyped fixed parameters fail now, not when the cell runs
-    if cls.for_budget.__func__ is Method.for_budget.__func__:
-        raise ValueError(f"{cls.name} has no budget mapping; give its parameters explicitly (segprune methods)")
-    kv = ",".join(f"{k}={v}" for k, v in sorted(fixed.items()))
-    return f"{cls.name}{':' + kv if kv else ''}@{budget}"
+    return budget_spec(spec) if split_budget(spec)[1] is not None else create_method(spec).spec()
 
 
 def environment(model: Any = None) -> dict[str, Any]:
@@ -192,11 +183,17 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
     cells_dir = out_dir / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     method = create_method(cell.method, info=model.info)
+    path = cells_dir / f"{cell.id}.jsonl"
+    meta_path = cells_dir / f"{cell.id}.json"
+    records = read_records(path, repair=True)
+    if records and meta_path.is_file():  # a budget spec must still resolve to what the records were made with
+        before = json.loads(meta_path.read_text()).get("resolved_method", method.spec())
+        if before != method.spec():
+            raise ValueError(f"{cell.method} now resolves to {method.spec()}, but {path} was made with {before}; "
+                             f"use a new run folder or delete that file to rerun the cell")
     meta = {**asdict(cell), "id": cell.id, "resolved_method": method.spec(), "expected": len(samples),
             "environment": environment(model)}
-    (cells_dir / f"{cell.id}.json").write_text(json.dumps(meta, indent=2))
-    path = cells_dir / f"{cell.id}.jsonl"
-    records = read_records(path, repair=True)
+    meta_path.write_text(json.dumps(meta, indent=2))
     done = {r["sample_id"] for r in records}
     arch = Arch.from_model(model)
     cache = cache or ImageCache(model)

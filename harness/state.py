@@ -69,6 +69,14 @@ class TokenState:
             raise RuntimeError("the token before [SEG] was dropped; methods may only drop image tokens")
         return src
 
+    @property
+    def last_prompt_row(self) -> int:
+        """Row of the prompt's last token, the one before the answer: what generation's prefill ends with, and the
+        query row of PyramidDrop's "last instruction token" (in LISA's template the answer starts with [SEG], so
+        this is also the [SEG] source row)."""
+        answer = ((self.kind == Kind.SEG) | (self.kind == Kind.ANSWER)).nonzero()
+        return (int(answer[0, 0]) if answer.numel() else len(self)) - 1
+
     def select(self, rows: Tensor) -> TokenState:
         """Keep `rows` (sorted row numbers); `held` is carried over unchanged."""
         return replace(self, hidden=self.hidden[:, rows], index=self.index[rows], kind=self.kind[rows],

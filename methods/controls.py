@@ -42,6 +42,7 @@ class RandomDrop(Method):
     stage = "control"
     citation = "random-drop control (FastV-style K and R)"
     keep_all = {"ratio": 0.0}
+    budget_params = ("ratio",)
 
     def __init__(self, k: int = 2, ratio: float = 0.5, seed: int = 0):
         if k < 0:
@@ -71,11 +72,16 @@ class RandomDrop(Method):
 
     @classmethod
     def for_budget(cls, info: ModelInfo, n_avg: float, **fixed) -> RandomDrop:
-        """FastV's mapping (K kept, lowered only if needed; R from the keep count)."""
-        from harness.methods.fastv import one_drop_budget
-
-        k, keep = one_drop_budget(cls.name, info, n_avg, fixed.get("k", 2), lower_k="k" not in fixed)
-        return cls(**{**fixed, "k": k, "ratio": 1 - keep / info.n_image_tokens})
+        """FastV's mapping: K kept (lowered only when K full layers leave no token, unless given), R from the keep
+        count that makes N_avg = (K N + (L - K) keep) / L closest to the target."""
+        n, layers = info.n_image_tokens, info.n_layers
+        k = fixed.get("k", 2)
+        while "k" not in fixed and k > 1 and (n_avg * layers - k * n) / (layers - k) < 1:
+            k -= 1
+        if not 0 < k < layers:
+            raise ValueError(f"random: k={k} does not fit the model's {layers} layers; use 1..{layers - 1}")
+        keep = max(1, min(n, round((n_avg * layers - k * n) / (layers - k))))
+        return cls(**{**fixed, "k": k, "ratio": 1 - keep / n})
 
 
 @register("downsample")
@@ -90,6 +96,7 @@ class Downsample(Method):
     stage = "control"
     citation = "grid-pooling control"
     keep_all = {"stride": 1}
+    budget_params = ("stride",)
 
     def __init__(self, stride: int = 2, mode: Literal["avg", "max"] = "avg"):
         if stride < 1:

@@ -14,27 +14,7 @@ import torch
 
 from harness.engine import Context
 from harness.method import Method, ModelInfo, register
-from harness.state import Kind, TokenState
-
-
-def score_row(state: TokenState, which: str) -> int:
-    """Row of the query token whose attention ranks the image tokens.
-
-    "last": the last token of the sequence (FastV's code); "seg": the token that predicts [SEG] (LISA's [SEG]
-    embedding source); "instruction": the last token of the prompt before the answer (PyramidDrop's "last
-    instruction token"; in LISA's template the answer starts with [SEG], so it is the same row as "seg").
-    """
-    if which == "last":
-        return len(state) - 1
-    if which == "seg":
-        return state.seg_source_row
-    answer = ((state.kind == Kind.SEG) | (state.kind == Kind.ANSWER)).nonzero()
-    return (int(answer[0, 0]) if answer.numel() else len(state)) - 1
-
-
-def top_image_rows(scores: torch.Tensor, image_rows: torch.Tensor, keep: int) -> torch.Tensor:
-    """Rows of the `keep` best-scored image tokens (ties broken toward the earlier token, as topk on CPU/CUDA)."""
-    return image_rows[scores.topk(keep).indices]
+from harness.state import TokenState
 
 
 @register("fastv")
@@ -63,6 +43,10 @@ class FastV(Method):
     needs_llm_attention = True
     citation = "Chen et al., An Image is Worth 1/2 Tokens After Layer 2 (FastV), ECCV 2024"
     keep_all = {"ratio": 0.0}
+    budget_params = ("ratio", "keep")
+    deviations = ("score=last is the last token of the sequence, as in the official code; in LISA's template mode "
+                  "that sequence ends with the teacher-forced answer '[SEG].</s>', so the row is </s> (in generate "
+                  "mode's prefill it is the last prompt token); score=seg ranks with the [SEG]-predicting token")
 
     def __init__(self, k: int = 2, ratio: float | None = 0.5, keep: int | None = None,
                  score: Literal["last", "seg"] = "last", seed: int = 0):
@@ -82,7 +66,7 @@ class FastV(Method):
             raise ValueError(f"fastv: keep={self.keep} exceeds the model's {info.n_image_tokens} image tokens")
 
     def keep_count(self, n: int) -> int:
-        return min(self.keep, n) if self.keep is not None else round(n * (1 - self.ratio))
+        return min(self.keep, n) if self.keep is not None else round(n * (1 - self.ratio))  # official HF: round
 
     def before_layer(self, i: int, state: TokenState, ctx: Context) -> TokenState:
         if i == self.k - 1:
@@ -93,14 +77,12 @@ class FastV(Method):
         keep = self.keep_count(len(img))
         if keep >= len(img):
             return state
-        if self.k == 0:
-            rows = img[torch.randperm(len(img), generator=ctx.rng)[:keep].to(img.device)]
-        else:
-            prev = ctx.scratch.pop("fastv_input")
-            q = score_row(prev, self.score)
-            probs = ctx.attention_rows(self.k - 1, prev, torch.tensor([q], device=img.device))[0]
-            rows = top_image_rows(probs[prev.image_rows], img, keep)  # rows are unchanged before layer K
-        return state.keep_image(rows)
+        if self.k == 0:  # no attention before layer 0: the official code keeps a random subset
+            return state.keep_image(img[torch.randperm(len(img), generator=ctx.rng)[:keep].to(img.device)])
+        prev = ctx.scratch.pop("fastv_input")
+        q = len(prev) - 1 if self.score == "last" else prev.seg_source_row
+        probs = ctx.attention_rows(self.k - 1, prev, torch.tensor([q], device=img.device))[0]  # (n,) head mean
+        return state.keep_image(img[probs[prev.image_rows].topk(keep).indices])  # rows unchanged since K-1
 
     def image_schedule(self, info: ModelInfo) -> list[int]:
         n = info.n_image_tokens
@@ -108,20 +90,16 @@ class FastV(Method):
 
     @classmethod
     def for_budget(cls, info: ModelInfo, n_avg: float, **fixed) -> FastV:
-        k, keep = one_drop_budget(cls.name, info, n_avg, fixed.get("k", 2), lower_k="k" not in fixed)
-        return cls(**{**fixed, "k": k, "keep": keep, "ratio": None})
-
-
-def one_drop_budget(name: str, info: ModelInfo, n_avg: float, k: int, lower_k: bool = True) -> tuple[int, int]:
-    """(K, keep count) of a single drop before layer K that make N_avg = (K N + (L - K) keep) / L closest to the
-    target; unless K was fixed by the user, K is lowered (not below 1) when K full layers alone exceed it."""
-    n, layers = info.n_image_tokens, info.n_layers
-    while lower_k and k > 1 and (n_avg * layers - k * n) / (layers - k) < 1:  # K full layers leave no token
-        k -= 1
-    if k >= layers:
-        raise ValueError(f"{name}: k={k} is beyond the model's {layers} layers")
-    keep = round((n_avg * layers - k * n) / (layers - k))
-    if keep < 1:
-        raise ValueError(f"{name}: N_avg {n_avg:.1f} is out of reach on {layers} layers: the {k} full layer(s) "
-                         f"before the drop already average {k * n / layers:.1f} image tokens")
-    return k, min(keep, n)
+        # N_avg = (K N + (L - K) keep) / L (LVLM_CSP eq. 9 for one drop)
+        n, layers = info.n_image_tokens, info.n_layers
+        k = fixed.get("k", 2)
+        while "k" not in fixed and k > 1 and (n_avg * layers - k * n) / (layers - k) < 1:
+            k -= 1  # K full layers leave less than one token for the rest
+        if not 0 < k < layers:
+            raise ValueError(f"fastv: k={k} does not fit the model's {layers} layers; use 1..{layers - 1}")
+        keep = round((n_avg * layers - k * n) / (layers - k))
+        if keep < 1:
+            lowest = (k * n + layers - k) / layers
+            raise ValueError(f"fastv: N_avg {n_avg:.1f} is out of reach with k={k} on {layers} layers (the lowest is "
+                             f"{lowest:.1f}, {1 - lowest / n:.0%} reduction); ask for less or lower k")
+        return cls(**{**fixed, "k": k, "keep": min(keep, n), "ratio": None})

@@ -15,9 +15,7 @@ from __future__ import annotations
 import torch
 
 from harness.engine import Context
-from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, register
-from harness.methods.fastv import score_row, top_image_rows
-from harness.methods.pdrop import scale_layers
+from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, register, scale_layers
 from harness.state import TokenState
 
 OFFICIAL_LAYERS = (8, 16)  # of 32
@@ -50,6 +48,9 @@ class Feather(Method):
     needs_llm_attention = True
     citation = "Endo et al., Feather the Throttle: Revisiting Visual Token Pruning for VLM Acceleration, ICCV 2025"
     keep_all = {"ratio": 0.0}
+    budget_params = ("ratio",)
+    deviations = ("on a model that is not 32 layers deep the boundaries are scaled by depth; the last token is "
+                  "</s> of the teacher-forced answer in LISA's template mode (FastV's deviation note applies)")
 
     def __init__(self, layers: list[int] | None = None, ratio: float = 0.7, stride: int = 3):
         if not 0.0 <= ratio < 1.0:
@@ -78,21 +79,21 @@ class Feather(Method):
 
     def before_layer(self, i: int, state: TokenState, ctx: Context) -> TokenState:
         first, second = ctx.scratch.setdefault("feather_bounds", self.boundaries(ctx.info))
-        if i in (first - 1, second - 1):
-            ctx.scratch["feather_input"] = state  # layer K-1's input: its attention ranks the tokens
-        if i not in (first, second):
-            return state
-        img = state.image_rows
-        keep = int(len(img) * (1 - self.ratio)) if i == first else int(len(img) * (1 - self.ratio) ** 2)
-        prev = ctx.scratch.pop("feather_input")
-        q = torch.tensor([score_row(prev, "last")], device=img.device)
-        prev_img = prev.image_rows
-        probs = ctx.attention_rows(i - 1, prev, q, rope=False, keys=prev_img)[0]  # over image keys only
-        rows = top_image_rows(probs, img, keep)  # the rows are the same as in layer K-1's input
-        if i == first and self.stride:
-            on_grid = torch.isin(state.patch[img], self.grid_patches(ctx.info.grid).to(img.device))
-            rows = torch.unique(torch.cat([rows, img[on_grid]]))
-        return state.keep_image(rows)
+        if i in (first, second):
+            prev = ctx.scratch.pop("feather_input")  # layer i-1's input (after any drop before layer i-1)
+            img = state.image_rows
+            # official: int(N * (1 - R)) at stage 1, int(M * (1 - R)^2) of the M survivors at stage 2
+            keep = int(len(img) * (1 - self.ratio)) if i == first else int(len(img) * (1 - self.ratio) ** 2)
+            q = torch.tensor([len(prev) - 1], device=img.device)  # the last token
+            probs = ctx.attention_rows(i - 1, prev, q, rope=False, keys=prev.image_rows)[0]  # (n_img,) no RoPE
+            rows = img[probs.topk(keep).indices]  # the image rows are the same as in layer i-1's input
+            if i == first and self.stride:
+                on_grid = torch.isin(state.patch[img], self.grid_patches(ctx.info.grid).to(img.device))
+                rows = torch.unique(torch.cat([rows, img[on_grid]]))
+            state = state.keep_image(rows)
+        if i + 1 in (first, second):
+            ctx.scratch["feather_input"] = state  # layer i's input ranks the drop before layer i + 1
+        return state
 
     @classmethod
     def for_budget(cls, info: ModelInfo, n_avg: float, **fixed) -> Feather:

@@ -13,24 +13,11 @@ from __future__ import annotations
 import torch
 
 from harness.engine import Context
-from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, register
-from harness.methods.fastv import score_row, top_image_rows
+from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, register, scale_layers
 from harness.state import TokenState
 
 OFFICIAL_LAYERS = (8, 16, 24)  # of LLaVA-1.5-7B's 32 layers
 LOW_BUDGET_LAYERS = (2, 8, 16)  # the authors' advice for small budgets (PyramidDrop issues #10, #29)
-
-
-def scale_layers(layers: tuple[int, ...], n_layers: int) -> list[int]:
-    """Stage boundaries given for 32 layers, scaled to a model's depth: round(b L / 32), made strictly increasing
-    inside 1..L-1 (8 layers: [8, 16, 24] -> [2, 4, 6])."""
-    out: list[int] = []
-    for b in layers:
-        v = max(round(b * n_layers / 32), out[-1] + 1 if out else 1)
-        if v >= n_layers:
-            raise ValueError(f"pdrop: the model's {n_layers} layers are too few for {len(layers)} stage boundaries")
-        out.append(v)
-    return out
 
 
 @register("pdrop", aliases=("pyramiddrop",))
@@ -60,7 +47,10 @@ class PyramidDrop(Method):
     citation = "Xing et al., PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual " \
                "Redundancy Reduction, CVPR 2025"
     keep_all = {"ratio": 1.0}
-    deviations = "the ranking query is computed for the one query row only (the official code projects every token)"
+    budget_params = ("ratio",)
+    deviations = ("on a model that is not 32 layers deep the default boundaries are scaled by depth; the ranking "
+                  "query is projected for the one query row only (the official code projects every token) and "
+                  "GQA keys are repeated (the official code assumes no GQA)")
 
     def __init__(self, layer_list: list[int] | None = None, ratio: float = 0.5):
         if not 0.0 < ratio <= 1.0:
@@ -79,7 +69,7 @@ class PyramidDrop(Method):
                              f"use boundaries in 1..{info.n_layers - 1}")
 
     def counts(self, n0: int, n_stages: int) -> list[int]:
-        return [int(n0 * self.ratio ** s) for s in range(n_stages + 1)]
+        return [int(n0 * self.ratio ** s) for s in range(n_stages + 1)]  # official: int(N0 * ratio_list[s])
 
     def before_layer(self, i: int, state: TokenState, ctx: Context) -> TokenState:
         bounds = ctx.scratch.setdefault("pdrop_bounds", self.boundaries(ctx.info))
@@ -91,9 +81,9 @@ class PyramidDrop(Method):
         keep = self.counts(ctx.scratch["pdrop_n0"], len(bounds))[bounds.index(i) + 1]
         if keep >= len(img):
             return state
-        q = torch.tensor([score_row(state, "instruction")], device=img.device)
-        probs = ctx.attention_rows(i, state, q)[0]  # layer i ranks on its own pre-drop input
-        return state.keep_image(top_image_rows(probs[img], img, max(keep, 0)))
+        q = torch.tensor([state.last_prompt_row], device=img.device)  # the last instruction token
+        probs = ctx.attention_rows(i, state, q)[0]  # (n,) layer i ranks on its own pre-drop input, head mean
+        return state.keep_image(img[probs[img].topk(keep).indices])
 
     def image_schedule(self, info: ModelInfo) -> list[int]:
         bounds = self.boundaries(info)

@@ -1,5 +1,5 @@
-"""In-LLM methods (FastV, PyramidDrop) against independent references built from stock eager attention, and the
-budget mappings."""
+"""In-LLM methods (FastV, PyramidDrop, FEATHER) against independent references built from stock eager attention,
+and the budget mappings."""
 
 from __future__ import annotations
 
@@ -117,9 +117,27 @@ def test_budget_errors_say_how_to_fix(tiny):
         create_method("fastv@150%", info=tiny.info)
     with pytest.raises(ValueError, match="cannot reach"):
         create_method("downsample@60%", info=tiny.info)  # strides give 256, 64, 36, ...: nothing near 102
+    with pytest.raises(ValueError, match="keep is what @75% solves for"):
+        create_method("fastv:keep=40@75%", info=tiny.info)
+    with pytest.raises(ValueError, match="ratio is what @50%"):
+        create_method("pdrop:ratio=0.9@0.5", info=tiny.info)
+
+
+def test_budget_specs_are_canonical_and_parse_back(tiny):
+    from harness.runner import canonical_spec
+
+    assert canonical_spec("pdrop:layer_list=[1, 2, 4]@0.75") == "pdrop:layer_list=[1,2,4]@75%"
+    assert canonical_spec("fastv:k=1.0 @ 75%") == canonical_spec("fastv:k=1@75%") == "fastv:k=1@75%"
+    assert canonical_spec("fastv@navg=64") == "fastv@navg=64.0"
+    for spec in ("pdrop:layer_list=[1,2,4]@75%", "fastv:k=1@75%", "fastv@navg=64.0"):
+        create_method(spec, info=tiny.info)
+    with pytest.raises(ValueError, match="solves for"):
+        canonical_spec("fastv:keep=null@75%")
 
 
 def test_grid_keeps_budget_specs_and_resolves_them_per_model(tmp_path):
+    import json
+
     from harness.runner import expand_grid, load_run, run_grid
 
     cells = expand_grid(["random:tiny"], ["fastv:score=seg@75%"], ["shapes-ref:val"], limit=2)
@@ -129,6 +147,10 @@ def test_grid_keeps_budget_specs_and_resolves_them_per_model(tmp_path):
     rows = run_grid(cells, tmp_path)
     assert rows[0]["resolved"].startswith("fastv:k=1,") and rows[0]["n_avg"] == pytest.approx(64, abs=5.2)
     assert load_run(tmp_path)[0]["resolved"] == rows[0]["resolved"]
+    meta = tmp_path / "cells" / f"{rows[0]['cell']}.json"  # as if the mapping had changed since the records were made
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "resolved_method": "fastv:k=2,keep=10"}))
+    with pytest.raises(ValueError, match="was made with fastv:k=2,keep=10"):
+        run_grid(cells, tmp_path)
 
 
 def _no_rope_image_scores(model, h, layer_idx, q_row, img):
@@ -143,8 +165,10 @@ def _no_rope_image_scores(model, h, layer_idx, q_row, img):
     return (p / p.sum(-1, keepdim=True)).mean(0)
 
 
-def test_feather_two_stages_equal_an_eager_no_rope_reference(tiny_eager, image):
-    m = create_method("feather")  # [8, 16] of 32 -> [2, 4]; R = 0.7; stride 3
+@pytest.mark.parametrize("layers", [None, [2, 3]])  # default: [8, 16] of 32 -> [2, 4]; adjacent drops too
+def test_feather_two_stages_equal_an_eager_no_rope_reference(tiny_eager, image, layers):
+    first, second = layers or (2, 4)
+    m = create_method("feather", layers=layers)  # R = 0.7; stride 3
     r = tiny_eager.segment(image, QUERY, m)
     lm = tiny_eager.language_model
     state = assembled_sequence(tiny_eager, image, QUERY, m)
@@ -153,12 +177,12 @@ def test_feather_two_stages_equal_an_eager_no_rope_reference(tiny_eager, image):
     expected, prev_h = {}, None
     with torch.inference_mode():
         for i, layer in enumerate(lm.layers):
-            if i in (2, 4):
+            if i in (first, second):
                 img = (kind == Kind.IMAGE).nonzero().squeeze(1)
                 scores = _no_rope_image_scores(tiny_eager, prev_h, i - 1, len(kind) - 1, img)
-                keep_n = int(len(img) * 0.3) if i == 2 else int(len(img) * 0.3 ** 2)
+                keep_n = int(len(img) * 0.3) if i == first else int(len(img) * 0.3 ** 2)
                 top = set(img[scores.topk(keep_n).indices].tolist())
-                if i == 2:
+                if i == first:
                     top |= {int(row) for row in img if int(patch[row]) in grid}
                 keep = kind != Kind.IMAGE
                 keep[sorted(top)] = True
@@ -167,9 +191,11 @@ def test_feather_two_stages_equal_an_eager_no_rope_reference(tiny_eager, image):
             prev_h = h
             h = layer(h, attention_mask=causal_mask(h.shape[1], h.dtype, h.device),
                       position_embeddings=lm.rotary_emb(h, index[None]))
-    assert sorted(r.trace.kept_patches[2]) == expected[2] and sorted(r.trace.kept_patches[4]) == expected[4]
-    n1 = len(expected[2])
-    assert 76 <= n1 <= 76 + 36 and r.trace.image_tokens_per_layer == [256] * 2 + [n1] * 2 + [int(n1 * 0.09)] * 4
+    assert sorted(r.trace.kept_patches[first]) == expected[first]
+    assert sorted(r.trace.kept_patches[second]) == expected[second]
+    n1 = len(expected[first])
+    assert 76 <= n1 <= 76 + 36
+    assert r.trace.image_tokens_per_layer == [256] * first + [n1] * (second - first) + [int(n1 * 0.09)] * (8 - second)
 
 
 def test_feather_budget_mapping_is_close_on_an_image(tiny, image):
