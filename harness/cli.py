@@ -296,12 +296,23 @@ def train_tiny_cmd(out, seed, vision_steps, llm_steps, batch, device, bundle) ->
 @friendly
 def train_yolo_cmd(out, epochs, imgsz, fraction, seed, device, bundle) -> None:
     """Train yolo11n-seg from scratch on shapes-ref (for LVLM_CSP's Seg-First clustering), offline."""
+    import time
+
+    import torch
+    import ultralytics
+
     from harness.yolo import bundle_yolo, train_yolo
 
+    t0 = time.time()
     best, map50 = train_yolo(out, epochs=epochs, imgsz=imgsz, fraction=fraction, seed=seed, device=device)
     click.echo(f"best weights: {best}; mask mAP50 on shapes-ref val: {map50:.3f}")
     if bundle:
-        click.echo(f"bundled as {bundle_yolo(best)}")
+        record = {"command": f"segprune train yolo --epochs {epochs} --imgsz {imgsz} --fraction {fraction} "
+                             f"--seed {seed} --device {device} --bundle",
+                  "mask_map50_val": round(map50, 4), "minutes": round((time.time() - t0) / 60, 1),
+                  "ultralytics": ultralytics.__version__, "torch": torch.__version__,
+                  "threads": torch.get_num_threads()}
+        click.echo(f"bundled as {bundle_yolo(best, record=record)}")
 
 
 @main.command()

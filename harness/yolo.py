@@ -55,11 +55,17 @@ def evaluate_yolo(weights: str | os.PathLike, data: str | os.PathLike, *, imgsz:
     return float(metrics.seg.map50)
 
 
-def bundle_yolo(weights: str | os.PathLike, dest: str | os.PathLike = BUNDLED_YOLO) -> Path:
+def bundle_yolo(weights: str | os.PathLike, dest: str | os.PathLike = BUNDLED_YOLO,
+                record: dict | None = None) -> Path:
+    """Copy the weights to the package asset with a checksum, and the training record (command, scores) beside."""
+    import json
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, dest)
     write_checksum(dest)
+    if record is not None:
+        dest.with_suffix(".json").write_text(json.dumps(record, indent=2))
     return dest
 
 

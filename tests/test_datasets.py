@@ -265,3 +265,38 @@ def test_yolo_label_keeps_every_part_of_an_occluded_object():
     poly = (np.array(xy, float).reshape(-1, 2) * IMAGE_SIZE).round().astype(np.int32)
     drawn = cv2.fillPoly(np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8), [poly], 1).astype(bool)
     assert (drawn & mask).sum() / (drawn | mask).sum() > 0.9  # both parts, joined by a thin line
+
+
+def test_bundled_yolo_finds_the_shapes_and_its_checksum_is_checked(tmp_path):
+    """The bundled YOLO-seg (LVLM_CSP's Seg-First source) loads through the same code as a user's checkpoint and
+    finds shapes-ref's instances: most ground-truth objects of a few val images get a mask with IoU >= 0.5."""
+    import shutil
+
+    from harness.datasets.refer import _decode
+    from harness.datasets.shapes import split_dir
+    from harness.yolo import BUNDLED_YOLO, load_yolo
+
+    assert BUNDLED_YOLO.is_file(), "the YOLO-seg weights must ship with the package (segprune train yolo --bundle)"
+    yolo = load_yolo()
+    folder = split_dir("val")
+    inst = json.loads((folder / "instances.json").read_text())
+    hits = total = 0
+    for im in inst["images"][:4]:
+        res = yolo.predict(str(folder / "images" / im["file_name"]), imgsz=160, verbose=False, retina_masks=True)[0]
+        pred = res.masks.data.cpu().numpy() > 0.5 if res.masks is not None else np.zeros((0, 256, 256), bool)
+        for a in (a for a in inst["annotations"] if a["image_id"] == im["id"]):
+            gt = _decode(a["segmentation"], 256, 256).astype(bool)
+            ious = [(p & gt).sum() / (p | gt).sum() for p in pred]
+            hits += max(ious, default=0) >= 0.5
+            total += 1
+    assert hits / total >= 0.7, f"{hits}/{total} objects found"
+    copy = tmp_path / BUNDLED_YOLO.name
+    shutil.copyfile(BUNDLED_YOLO, copy)
+    shutil.copyfile(BUNDLED_YOLO.with_name(BUNDLED_YOLO.name + ".sha256"), tmp_path / (copy.name + ".sha256"))
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 1
+    copy.write_bytes(bytes(data))
+    from harness.model import verify_checksum
+
+    with pytest.raises(ValueError, match="checksum"):
+        verify_checksum(copy, "retrain")
