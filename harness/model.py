@@ -93,6 +93,9 @@ class Prepared:
     resized_size: tuple[int, int]  # SAM resize before padding
 
 
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # integer views of float weights, by element size
+
+
 class SegModel(nn.Module):
     """A frozen LISA-style model. `vision_tower` and `language_model` are the stock transformers modules."""
 
@@ -157,13 +160,15 @@ class SegModel(nn.Module):
     def fingerprint(self) -> str:
         """Short content hash of the configuration and weights (part of every result's provenance).
 
-        Computed once per model (the model is frozen): it reads every weight.
+        Computed once per model (the model is frozen): it reads every weight, on its device. Each tensor contributes
+        the integer sum of its raw bit patterns: exact and independent of summation order (a float sum is not: it
+        changed with the memory alignment of weights loaded from safetensors).
         """
         if getattr(self, "_fingerprint", None) is None:
             h = hashlib.sha256(self.config.to_json().encode())
             for name, t in sorted(self.state_dict().items()):
-                h.update(name.encode())
-                h.update(t.detach().float().sum().cpu().numpy().tobytes())
+                bits = t.detach().contiguous().view(_BITS[t.element_size()]) if t.is_floating_point() else t.detach()
+                h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{int(bits.long().sum())}".encode())
             self._fingerprint = h.hexdigest()[:12]
         return self._fingerprint
 

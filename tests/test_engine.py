@@ -146,6 +146,26 @@ def test_two_models_do_not_interfere(image):
     assert a.attn_implementation == "sdpa"
 
 
+def test_fingerprint_is_exact_and_independent_of_thread_count(tiny):
+    """A float sum of the weights depends on how many threads reduce it (ultralytics' predict sets torch to one
+    thread); the fingerprint must not."""
+    import copy
+
+    threads = torch.get_num_threads()
+    other = copy.deepcopy(tiny)
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            other._fingerprint = None
+            assert other.fingerprint() == tiny.fingerprint()
+    finally:
+        torch.set_num_threads(threads)
+    other._fingerprint = None
+    with torch.no_grad():
+        next(other.parameters()).view(-1)[0] += 1e-3
+    assert other.fingerprint() != tiny.fingerprint()
+
+
 def test_save_and_reload_roundtrip(tmp_path, tiny, image):
     tiny.save_pretrained(tmp_path / "m")
     again = harness.load_model(tmp_path / "m")
