@@ -308,14 +308,14 @@ def split_budget(spec: str) -> tuple[str, Budget | None]:
     if not at:
         return spec, None
     t = tail.strip().replace(" ", "")
+    number = t[5:] if t.startswith("navg=") else t[:-1] if t.endswith("%") else t
     try:
-        if t.startswith("navg="):
-            return head, Budget(n_avg=float(t[5:]))
-        return head, Budget(reduction=float(t[:-1]) / 100 if t.endswith("%") else float(t))
-    except ValueError as err:
-        if "budget" in str(err):
-            raise
-        raise ValueError(f"cannot read the budget {tail!r} in {spec!r}; write @75% , @0.75 or @navg=64") from None
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"cannot read the budget {tail!r} in {spec!r}; write @75%, @0.75 or @navg=64") from None
+    if t.startswith("navg="):
+        return head, Budget(n_avg=value)
+    return head, Budget(reduction=value / 100 if t.endswith("%") else value)
 
 
 def scale_layers(layers: tuple[int, ...] | list[int], n_layers: int, depth: int = 32) -> list[int]:

@@ -111,7 +111,7 @@ def test_budget_errors_say_how_to_fix(tiny):
         create_method("fastv@95%", info=tiny.info)  # one full layer of 8 already averages 32 of 256
     with pytest.raises(ValueError, match="no budget mapping"):
         create_method("none@50%", info=tiny.info)
-    with pytest.raises(ValueError, match="write @75%"):
+    with pytest.raises(ValueError, match="write @75%, @0.75"):
         create_method("fastv@lots", info=tiny.info)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         create_method("fastv@150%", info=tiny.info)
