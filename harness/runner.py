@@ -28,7 +28,7 @@ import torch
 import harness
 from harness.flops import Arch, llm_flops
 from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
-from harness.method import budget_spec, create_method, split_budget
+from harness.method import Method, budget_spec, create_method, split_budget
 from harness.metrics import aggregate, intersection_union, sample_iou
 
 
@@ -178,11 +178,12 @@ class ImageCache:
 
 
 def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache: ImageCache | None = None,
-             progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """Run the unfinished samples of one cell, appending one flushed JSON line per sample."""
+             progress: Callable[[int], None] | None = None, method: Method | None = None) -> list[dict[str, Any]]:
+    """Run the unfinished samples of one cell, appending one flushed JSON line per sample (`method`: the cell's
+    method already resolved on this model, else resolved here)."""
     cells_dir = out_dir / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    method = create_method(cell.method, info=model.info)
+    method = method or create_method(cell.method, info=model.info)
     path = cells_dir / f"{cell.id}.jsonl"
     meta_path = cells_dir / f"{cell.id}.json"
     records = read_records(path, repair=True)
@@ -259,14 +260,15 @@ def _merge_config(out_dir: Path, cells: list[Cell]) -> None:
     path.write_text(json.dumps({"harness": harness.__version__, "cells": known}, indent=2))
 
 
-def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[Cell], dict, dict]:
-    """Load every model and dataset and bind every method before anything runs, so a bad cell fails first.
+def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[Cell], dict, dict, dict]:
+    """Load every model and dataset and resolve and bind every method before anything runs, so a bad cell fails
+    first.
 
-    Returns the cells with their model fingerprints, the models and the datasets.
+    Returns the cells with their model fingerprints, the models, the datasets and each cell's method (by cell id).
     """
     models: dict[tuple[str, str, str], Any] = {}
     datasets: dict[tuple[str, str, str | None, int | None], list[Any]] = {}
-    ready = []
+    ready, methods = [], {}
     for cell in cells:
         key = (cell.model, cell.dtype, cell.attn)
         if key not in models:
@@ -278,9 +280,11 @@ def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[
         dkey = (cell.dataset, cell.split, cell.data_root, cell.limit)
         if dkey not in datasets:
             datasets[dkey] = harness.load_dataset(cell.dataset, cell.split, root=cell.data_root, limit=cell.limit)
-        create_method(cell.method, info=models[key].info).bind(models[key].info)
+        method = create_method(cell.method, info=models[key].info)  # a budget spec resolves on its model
+        method.bind(models[key].info)
         ready.append(replace(cell, model_fingerprint=models[key].fingerprint()))
-    return ready, models, datasets
+        methods[ready[-1].id] = method
+    return ready, models, datasets, methods
 
 
 def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = None,
@@ -288,7 +292,7 @@ def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = Non
     """Run every cell (resuming finished samples) and write config, environment and summary into `out_dir`."""
     import pandas as pd
 
-    cells, models, datasets = prepare_grid(cells, device=device)
+    cells, models, datasets, methods = prepare_grid(cells, device=device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _merge_config(out_dir, cells)
@@ -306,13 +310,13 @@ def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = Non
                     ids = {s.id for s in samples}
                     bar.update(sum(r["sample_id"] in ids for r in read_records(out_dir / "cells" / f"{cell.id}.jsonl")))
                 records = run_cell(models[key], cell, samples, out_dir, cache=caches[key],
-                                   progress=bar.update if bar is not None else None)
+                                   progress=bar.update if bar is not None else None, method=methods[cell.id])
             finally:
                 if bar is not None:
                     bar.close()
             ids = {s.id for s in samples}
-            resolved = create_method(cell.method, info=models[key].info).spec()
-            rows.append(summarize_cell(cell, [r for r in records if r["sample_id"] in ids], len(samples), resolved))
+            rows.append(summarize_cell(cell, [r for r in records if r["sample_id"] in ids], len(samples),
+                                       methods[cell.id].spec()))
     finally:
         if rows:
             pd.DataFrame(rows).to_csv(out_dir / "summary.csv", index=False)

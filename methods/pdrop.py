@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from harness.engine import Context
-from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, register, scale_layers
+from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, achieved_n_avg, register, scale_layers
 from harness.state import TokenState
 
 OFFICIAL_LAYERS = (8, 16, 24)  # of LLaVA-1.5-7B's 32 layers
@@ -99,12 +99,12 @@ class PyramidDrop(Method):
             lo, hi = 0.0, 1.0
             for _ in range(50):  # N_avg(lambda) is a non-decreasing step function
                 mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if _n_avg(cls(layer_list=bounds, ratio=mid), info) < n_avg else (lo, mid)
+                lo, hi = (mid, hi) if achieved_n_avg(cls(layer_list=bounds, ratio=mid), info) < n_avg else (lo, mid)
             for lam in (round(lo, 4), round(hi, 4)):
                 m = cls(layer_list=bounds, ratio=max(lam, 1e-4))
                 if m.counts(info.n_image_tokens, len(bounds))[-1] < 1:
                     continue  # a schedule that drops every image token is no PyramidDrop setting
-                err = abs(_n_avg(m, info) - n_avg)
+                err = abs(achieved_n_avg(m, info) - n_avg)
                 if best is None or err < best[0]:
                     best = (err, m)
             if best is not None and best[0] <= BUDGET_TOLERANCE * info.n_image_tokens:
@@ -114,7 +114,3 @@ class PyramidDrop(Method):
                              f"every image token")
         return best[1]
 
-
-def _n_avg(method: PyramidDrop, info: ModelInfo) -> float:
-    s = method.image_schedule(info)
-    return sum(s) / len(s)

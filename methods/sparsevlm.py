@@ -24,7 +24,7 @@ from torch import Tensor
 
 from harness.engine import Context
 from harness.ledger import Ledger
-from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, register, scale_layers
+from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, achieved_n_avg, register, scale_layers
 from harness.state import Kind, TokenState
 
 OFFICIAL_LAYERS = (2, 6, 15)  # `pruning_loc` of LLaVA-1.5-7B's 32 layers (0-based)
@@ -255,11 +255,11 @@ class SparseVLM(Method):
         lo, hi = 0.0, OFFICIAL_TOKENS / base[-1]  # s = hi keeps every token at every layer
         for _ in range(50):  # N_avg(s) is a non-decreasing step function (merged tokens included)
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if _n_avg(build(mid), info) < n_avg else (lo, mid)
-        best = min((build(lo), build(hi)), key=lambda m: abs(_n_avg(m, info) - n_avg))
-        got = _n_avg(best, info)
+            lo, hi = (mid, hi) if achieved_n_avg(build(mid), info) < n_avg else (lo, mid)
+        best = min((build(lo), build(hi)), key=lambda m: abs(achieved_n_avg(m, info) - n_avg))
+        got = achieved_n_avg(best, info)
         if abs(got - n_avg) > BUDGET_TOLERANCE * n:
-            low, high = _n_avg(build(0.0), info), _n_avg(build(hi), info)
+            low, high = achieved_n_avg(build(0.0), info), achieved_n_avg(build(hi), info)
             raise ValueError(f"sparsevlm: N_avg {n_avg:.1f} is out of reach on this model: keep counts from 1 to all "
                              f"give N_avg {low:.1f} to {high:.1f} with pruning layers {layers}"
                              f"{' and recycling' if best.recycle else ''}; ask for a budget in that range")
@@ -290,7 +290,3 @@ def insert_after_image(state: TokenState, merged: Tensor) -> TokenState:
         held=state.held,
     )
 
-
-def _n_avg(method: SparseVLM, info: ModelInfo) -> float:
-    s = method.image_schedule(info)
-    return sum(s) / len(s)
