@@ -68,14 +68,16 @@ def _run_and_report(cells: list, out: Path, device: str | None, fmt: str) -> Non
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu)")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--attn", type=click.Choice(["sdpa", "eager", "flash_attention_2"]), default="sdpa", show_default=True)
+@click.option("--decode", type=click.Choice(["template", "generate"]), default="template", show_default=True,
+              help="template: LISA's evaluation (answer teacher-forced); generate: greedy decoding with a KV cache")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True)
 @friendly
-def run(models, methods, datasets, limit, out, data_root, device, dtype, attn, fmt) -> None:
+def run(models, methods, datasets, limit, out, data_root, device, dtype, attn, decode, fmt) -> None:
     """Run methods x datasets on a model and print the table (defaults: shapes-ref val, every method)."""
     from harness.runner import default_methods, default_run_dir, expand_grid
 
     cells = expand_grid(models, methods or default_methods(), datasets, limit=limit, dtype=dtype, attn=attn,
-                        data_root=data_root)
+                        decode=decode, data_root=data_root)
     _run_and_report(cells, out or default_run_dir(), device, fmt)
 
 
@@ -88,7 +90,7 @@ def run(models, methods, datasets, limit, out, data_root, device, dtype, attn, f
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True)
 @friendly
 def grid(config, out, data_root, device, fmt) -> None:
-    """Run a YAML grid: models, methods, datasets (name:split), limit, dtype, attn."""
+    """Run a YAML grid: models, methods, datasets (name:split), limit, dtype, attn, decode."""
     import yaml
 
     from harness.runner import expand_grid

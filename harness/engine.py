@@ -12,8 +12,10 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from harness.latency import Stopwatch
@@ -145,9 +147,11 @@ def run_vision(model: SegModel, clip_pixels: Tensor, ledger: Ledger) -> VisionFe
 
 
 # -- sequence ----------------------------------------------------------------------------------------------------
-def assemble(model: SegModel, image_tokens: Tensor, patch_index: Tensor, query: str, is_sentence: bool) -> TokenState:
-    """Embed the prompt and splice the projected image tokens in at LLaVA's image placeholder."""
-    pre, post = model.prompt_ids(query, is_sentence)
+def assemble(model: SegModel, image_tokens: Tensor, patch_index: Tensor, query: str, is_sentence: bool,
+             answer: bool = True) -> TokenState:
+    """Embed the prompt (with the template answer "[SEG].</s>" unless `answer` is False) and splice the projected
+    image tokens in at LLaVA's image placeholder."""
+    pre, post = model.prompt_ids(query, is_sentence, answer)
     embed = model.language_model.embed_tokens
     dev = image_tokens.device
     ids = torch.tensor(pre + post, device=dev)
@@ -165,8 +169,13 @@ def causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
 
 
-def run_llm(model: SegModel, state: TokenState, method: Method, ctx: Context) -> TokenState:
-    """The decoder-layer loop: before_layer -> attention -> ffn per layer; one ledger record per layer."""
+def run_llm(model: SegModel, state: TokenState, method: Method, ctx: Context,
+            cache: DynamicCache | None = None) -> TokenState:
+    """The decoder-layer loop: before_layer -> attention -> ffn per layer; one ledger record per layer.
+
+    With a `cache` (generate mode's prefill) each layer also stores the keys and values of the rows it ran, so the
+    cache keeps the pruned state: layer i holds exactly the tokens present in layer i.
+    """
     lm = model.language_model
     fire_before, fire_ffn = method.overrides("before_layer"), method.overrides("ffn")
     needs_mask = lm.config._attn_implementation not in CAUSAL_BACKENDS
@@ -186,7 +195,8 @@ def run_llm(model: SegModel, state: TokenState, method: Method, ctx: Context) ->
             patches = state.patch[state.kind == Kind.IMAGE].tolist()
         n = h.shape[1]
         ctx.record = LayerRecord(n=n, n_image=len(patches), n_ffn=n, patches=patches)
-        a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask)
+        a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask,
+                               past_key_values=cache)
         h = h + a
         x = layer.post_attention_layernorm(h)
         h = h + (method.ffn(i, layer.mlp, x, replace(state, hidden=h), ctx) if fire_ffn else layer.mlp(x))
@@ -196,6 +206,47 @@ def run_llm(model: SegModel, state: TokenState, method: Method, ctx: Context) ->
     if state.held:
         raise RuntimeError(f"{method.name}: tokens still held back after the last layer: {sorted(state.held)}")
     return state
+
+
+def greedy_decode(model: SegModel, state: TokenState, cache: DynamicCache, ctx: Context,
+                  max_new_tokens: int) -> tuple[list[int], Tensor | None]:
+    """Greedy decoding after a cached prefill whose last row is the prompt's last token.
+
+    Pruning happened in the prefill only (the official KV-cache variants of FastV and PyramidDrop, and SparseVLM):
+    a decode token attends to each layer's pruned cache and runs the stock FFN. Its RoPE position follows the
+    method's policy (reference 0.3): "original" continues the assembled sequence's positions; "reindex" uses each
+    layer's cache length, which is where that layer's contiguous positions end. Each step is a ledger record per
+    layer with `kv` = the keys it attended to.
+
+    Returns the generated ids (up to and including EOS) and LISA's [SEG] embedding: the final normed hidden state of
+    the row whose greedy choice was the first [SEG] (None when no [SEG] was generated).
+    """
+    lm = model.language_model
+    dev = state.hidden.device
+    next_position = int(state.index[-1]) + 1
+    h = lm.norm(state.hidden[:, -1:])  # (1, 1, d): the row that chooses the first answer token
+    ids: list[int] = []
+    seg_hidden = None
+    for step in range(max_new_tokens):
+        token = int(model.lm_head(h)[0, -1].argmax())
+        ctx.ledger.lm_head_rows += 1
+        ids.append(token)
+        if token == model.seg_token_id and seg_hidden is None:
+            seg_hidden = h[:, 0]
+        if token == model.tokenizer.eos_token_id or step == max_new_tokens - 1:
+            break
+        x = lm.embed_tokens(torch.tensor([[token]], device=dev))
+        for i, layer in enumerate(lm.layers):
+            kv = cache.get_seq_length(i)
+            position = next_position + step if ctx.position_policy == "original" else kv
+            rope = lm.rotary_emb(x, torch.tensor([[position]], device=dev))
+            a, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=rope,
+                                   attention_mask=None, past_key_values=cache)  # one query row: nothing to mask
+            x = x + a
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            ctx.ledger.decode_layers.append(LayerRecord(n=1, n_image=0, n_ffn=1, kv=kv + 1))
+        h = lm.norm(x)
+    return ids, seg_hidden
 
 
 # -- one sample --------------------------------------------------------------------------------------------------
@@ -216,10 +267,22 @@ def sample_rng(method: Method, sample_key: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+DECODE_MODES = ("template", "generate")
+MAX_NEW_TOKENS = 32  # generate mode: LISA's `evaluate` default (its answer "[SEG].</s>" is 3 tokens)
+
+
 def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_sentence: bool = False,
             sample_key: str = "", prepared: Prepared | None = None, image_embeddings: Tensor | None = None,
-            stopwatch: Stopwatch | None = None) -> SegmentResult:
-    """Run one image and query through the model with `method`; see `SegModel.segment`."""
+            stopwatch: Stopwatch | None = None, decode: str = "template",
+            max_new_tokens: int = MAX_NEW_TOKENS) -> SegmentResult:
+    """Run one image and query through the model with `method`; see `SegModel.segment`.
+
+    `decode`: "template" (LISA's evaluation: one forward with the answer "[SEG].</s>" teacher-forced) or "generate"
+    (a cached prefill of the prompt, then greedy decoding; see `greedy_decode`). When no [SEG] is generated the mask
+    is empty, as LISA returns no mask.
+    """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
     from harness.flops import Arch, compute_flops
     from harness.model import SegmentResult
 
@@ -240,25 +303,35 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
         with watch("projector"):
             tokens = model.projector(feats.patches)
             ledger.projector_tokens = tokens.shape[1]
-            state = assemble(model, tokens, feats.patch_index, query, is_sentence)
+            state = assemble(model, tokens, feats.patch_index, query, is_sentence, answer=decode == "template")
         with watch("llm"):
             state = method.on_sequence(state, ctx)
-            state = run_llm(model, state, method, ctx)
-            src = state.seg_source_row
-            seg_hidden = model.language_model.norm(state.hidden[:, src])  # RMSNorm is per token: norm(h)[src]
-        logits = None
+            answer = None
+            if decode == "template":
+                state = run_llm(model, state, method, ctx)
+                src = state.seg_source_row
+                seg_hidden = model.language_model.norm(state.hidden[:, src])  # RMSNorm is per token: norm(h)[src]
+            else:
+                cache = DynamicCache(config=model.language_model.config)
+                state = run_llm(model, state, method, ctx, cache)
+                answer, seg_hidden = greedy_decode(model, state, cache, ctx, max_new_tokens)
+        logits = mask = None
         if model.sam is not None:
-            with watch("sam_encoder"):
+            with watch("sam_encoder"):  # LISA's evaluate runs it whether or not [SEG] was generated
                 if image_embeddings is None:
                     image_embeddings = model.sam_image_embeddings(prep.sam_pixels)
                 ledger.sam_images = 1
-            with watch("mask_decoder"):
-                seg_embedding = model.text_hidden_fcs[0](seg_hidden)
-                logits = model.decode_mask(seg_embedding, image_embeddings, prep)
-                ledger.seg_prompts = 1
+            if seg_hidden is None:  # no [SEG] in the answer: LISA returns no mask, scored as an empty one
+                mask = np.zeros(prep.original_size, dtype=bool)
+            else:
+                with watch("mask_decoder"):
+                    seg_embedding = model.text_hidden_fcs[0](seg_hidden)
+                    logits = model.decode_mask(seg_embedding, image_embeddings, prep)
+                    ledger.seg_prompts = 1
+                mask = (logits > 0).cpu().numpy()
     trace = Trace(tokens_per_layer=ledger.tokens_per_layer, image_tokens_per_layer=ledger.image_tokens_per_layer,
                   kept_patches=[r.patches for r in ledger.layers], n_avg=ledger.n_avg)
-    mask = (logits > 0).cpu().numpy() if logits is not None else None
     flops = compute_flops(Arch.from_model(model), ledger, "exact")
     return SegmentResult(mask=mask, logits=logits, seg_hidden=seg_hidden, trace=trace, flops=flops,
-                         latency=dict(watch.last), ledger=ledger)
+                         latency=dict(watch.last), ledger=ledger,
+                         answer=None if answer is None else model.tokenizer.decode(answer))

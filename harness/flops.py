@@ -9,7 +9,9 @@
 - `routing`: Token Routing (AAAI'26) sec. 4.4, sum over layers of 24ND^2 + 4N^2D (QKV 6ND^2, attention 4N^2D,
   output 2ND^2, FFN 16ND^2); reproduces its Table 4 (PSALM/Phi-1.5, N=450: 1126.98 GFLOPs).
 
-The conventions differ only in how the LLM is counted; the other components are always `exact`.
+The conventions differ only in how the LLM is counted; the other components are always `exact`. In `generate` mode
+the LLM also counts each decode step (one query row per layer against that layer's KV cache) and, in `exact`, the
+lm_head rows that chose the generated tokens.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Arch:
         """Dimensions read from the live transformers configs (so library defaults are resolved)."""
         lc, vc = model.language_model.config, model.vision_tower.config
         llm = {k: getattr(lc, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                           "num_attention_heads", "num_key_value_heads")}
+                                           "num_attention_heads", "num_key_value_heads", "vocab_size")}
         llm["head_dim"] = getattr(lc, "head_dim", None) or lc.hidden_size // lc.num_attention_heads
         vision = {k: getattr(vc, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "image_size",
                                               "patch_size")}
@@ -93,9 +95,9 @@ class Arch:
 # -- exact MACs per component -----------------------------------------------------------------------------------
 def llm_layer_macs(arch: Arch, r: LayerRecord) -> int:
     d, hq, hkv, hd, m, mats = arch.llm_dims
-    n = r.n
+    n, kv = r.n, r.n if r.kv is None else r.kv
     proj = n * d * hq * hd * 2 + n * d * hkv * hd * 2  # q, o and k, v projections
-    attn = 2 * hq * n * n * hd  # scores and weighted values over the full n x n matrix
+    attn = 2 * hq * n * kv * hd  # scores and weighted values over the full n x kv matrix
     ffn = mats * r.n_ffn * d * m
     return proj + attn + ffn + sum(a * b * c for a, b, c in r.light)
 
@@ -172,15 +174,24 @@ def llm_flops(arch: Arch, layers: list[LayerRecord], convention: str = "exact") 
     total = 0
     for r in layers:
         light = sum(a * b * c for a, b, c in r.light)
+        kv = r.n if r.kv is None else r.kv  # n^2 in the papers' formulas is n queries x n keys
         if convention == "exact":
             total += 2 * llm_layer_macs(arch, r)
         elif convention == "csp":  # LVLM_CSP eq. 11 (x2, see module docstring)
-            total += 2 * (4 * r.n * d * d + 2 * r.n * r.n * d + mats * r.n_ffn * d * m + light)  # mats = 3 (LLaMA)
+            total += 2 * (4 * r.n * d * d + 2 * r.n * kv * d + mats * r.n_ffn * d * m + light)  # mats = 3 (LLaMA)
         elif convention == "routing":  # Token Routing: 6ND^2 + 4N^2D + 2ND^2 + 16ND^2
-            total += 8 * r.n * d * d + 4 * r.n * r.n * d + 16 * r.n_ffn * d * d + 2 * light
+            total += 8 * r.n * d * d + 4 * r.n * kv * d + 16 * r.n_ffn * d * d + 2 * light
         else:
             raise ValueError(f"unknown FLOPs convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
     return total
+
+
+def lm_head_flops(arch: Arch, ledger: Ledger, convention: str = "exact") -> int:
+    """lm_head over the generated tokens' rows (generate mode; template mode never runs it). The papers'
+    conventions count decoder layers only, so only `exact` includes it."""
+    if convention != "exact" or not ledger.lm_head_rows:
+        return 0
+    return 2 * ledger.lm_head_rows * arch.llm["hidden_size"] * arch.llm["vocab_size"]
 
 
 def compute_flops(arch: Arch, ledger: Ledger, convention: str = "exact") -> dict[str, int]:
@@ -189,7 +200,8 @@ def compute_flops(arch: Arch, ledger: Ledger, convention: str = "exact") -> dict
         "vision": 2 * vision_macs(arch, ledger),
         "method": 2 * sum(m * k * n for m, k, n in ledger.method),
         "projector": 2 * projector_macs(arch, ledger),
-        "llm": llm_flops(arch, ledger.layers, convention),
+        "llm": llm_flops(arch, ledger.layers + ledger.decode_layers, convention)
+        + lm_head_flops(arch, ledger, convention),
         "sam_encoder": 2 * sam_encoder_macs(arch) * ledger.sam_images if arch.sam else 0,
         "mask_decoder": 2 * mask_decoder_macs(arch, ledger.seg_prompts) if arch.sam else 0,
     }

@@ -1,7 +1,8 @@
 """Per-sample record of the work done, from which every FLOPs figure is computed (see `harness.flops`).
 
-The loop appends one `LayerRecord` per decoder layer; the vision tower, projector and SAM record their token counts;
-methods record their own extra matmuls (scoring work) as `method` overhead. FLOPs are therefore exact for
+The loop appends one `LayerRecord` per decoder layer (`generate` mode keeps its decode steps apart); the vision
+tower, projector and SAM record their token counts; methods record their own extra matmuls (scoring work) as
+`method` overhead. FLOPs are therefore exact for
 data-dependent budgets (adaptive token counts, per-image superpixels).
 """
 
@@ -20,6 +21,8 @@ class LayerRecord:
         n_ffn: tokens through the stock FFN (n unless a method routes some tokens elsewhere).
         light: extra matmuls of a lighter FFN path, as (rows, in_dim, out_dim).
         patches: vision-patch index of each image token in the layer (the trace of where tokens went).
+        kv: keys each of the `n` queries attends to, for a decode step against the KV cache (None: the layer's own
+            `n` tokens, causal, counted over the full n x n matrix).
     """
 
     n: int
@@ -27,6 +30,7 @@ class LayerRecord:
     n_ffn: int
     light: list[tuple[int, int, int]] = field(default_factory=list)
     patches: list[int] = field(default_factory=list)
+    kv: int | None = None
 
 
 @dataclass
@@ -38,6 +42,8 @@ class Ledger:
     method: list[tuple[int, int, int]] = field(default_factory=list)  # method matmuls as (m, k, n)
     seg_prompts: int = 0  # [SEG] embeddings decoded by SAM
     sam_images: int = 0  # images through the SAM image encoder
+    decode_layers: list[LayerRecord] = field(default_factory=list)  # generate mode: one per decode step and layer
+    lm_head_rows: int = 0  # generate mode: rows through lm_head (one per generated token)
 
     def add_method_matmul(self, m: int, k: int, n: int, times: int = 1) -> None:
         """Record `times` matmuls of an (m, k) by (k, n) product done by a method (scoring, merging)."""

@@ -14,6 +14,9 @@ The loop of `harness.engine` fires these events (pseudocode of one forward pass,
         h = h + method.ffn(i, layer.mlp, x, state, ctx)   # default: layer.mlp(x) for every token
     e = text_hidden_fcs(norm(h)[token before [SEG]]) -> SAM mask decoder -> mask
 
+In `generate` decode mode the sequence ends at "ASSISTANT:" and the loop above is the cached prefill: every event
+fires there only, and the greedy decode steps that follow attend to each layer's (pruned) cache with the stock FFN.
+
 A method is a plain class with typed keyword hyperparameters; it implements any subset of the events and never
 touches the model outside them. Register it with `@register("name")`.
 """

@@ -184,21 +184,22 @@ class SegModel(nn.Module):
         return Prepared(clip.to(dev, dt), None if sam_pixels is None else sam_pixels.to(dev, dt),
                         (img.height, img.width), resized)
 
-    def prompt_ids(self, query: str, is_sentence: bool = False) -> tuple[list[int], list[int]]:
+    def prompt_ids(self, query: str, is_sentence: bool = False, answer: bool = True) -> tuple[list[int], list[int]]:
         """Token ids before and after the image placeholder for LISA's evaluation template (llava_v1).
 
         "USER: <im_start><image><im_end>\\n What is {query} in this image? Please output segmentation mask.
         ASSISTANT: [SEG].</s>"; sentence-style queries (ReasonSeg) use "{query} Please output segmentation mask.".
+        Without the `answer` the prompt ends at "ASSISTANT:", as LISA's chat.py feeds it to `generate`.
         Chunks around <image> are tokenized separately, as LISA's `tokenizer_image_token` does.
         """
-        key = (query, is_sentence)
+        key = (query, is_sentence, answer)
         if key not in self._prompt_cache:
             q = query.strip()  # loaders apply their dataset's casing (LISA lower-cases RefCOCO sentences only)
             ask = f"{q} Please output segmentation mask." if is_sentence else \
                 f"What is {q} in this image? Please output segmentation mask."
             start, end = ("<im_start>", "<im_end>") if self.config.use_mm_start_end else ("", "")
             pre = f"{SYSTEM_PROMPT} USER: {start}"
-            post = f"{end}\n {ask} ASSISTANT: [SEG].</s>"
+            post = f"{end}\n {ask} ASSISTANT:" + (" [SEG].</s>" if answer else "")
             pre_ids = self.tokenizer(pre).input_ids
             post_ids = self.tokenizer(post, add_special_tokens=False).input_ids
             self._prompt_cache[key] = (pre_ids, post_ids)
@@ -245,7 +246,8 @@ class SegModel(nn.Module):
                 sample_key: str = "", **engine: Any) -> SegmentResult:
         """Segment `query` in `image` with a reduction `method` (a Method, a spec string or None).
 
-        `engine` options (`prepared`, `image_embeddings`, `stopwatch`) let a runner reuse per-image work.
+        `engine` options: `decode` ("template" or "generate", see `harness.engine.segment`), `max_new_tokens`, and
+        `prepared`, `image_embeddings`, `stopwatch` to let a runner reuse per-image work.
         """
         from harness.engine import segment
 
@@ -295,12 +297,13 @@ class SegModel(nn.Module):
 @dataclass
 class SegmentResult:
     mask: np.ndarray  # (H, W) bool at the image size
-    logits: Tensor  # (H, W) float mask logits
-    seg_hidden: Tensor  # (1, d) final (normed) hidden state of the token before [SEG]: LISA's [SEG] embedding
+    logits: Tensor | None  # (H, W) float mask logits; None when generate mode produced no [SEG]
+    seg_hidden: Tensor | None  # (1, d) final (normed) hidden state of the token before [SEG]: LISA's [SEG] embedding
     trace: Any  # harness.engine.Trace
     flops: dict[str, int]  # by component, exact convention
     latency: dict[str, float]  # seconds by stage
     ledger: Any
+    answer: str | None = None  # generate mode: the decoded answer (None in template mode)
 
 
 def load_image(image: Any) -> Image.Image:

@@ -24,6 +24,9 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "text") -> str:
     for r in rows:
         status = "missing" if r.get("missing") else ("" if r.get("complete", True) else "partial")
         method = r["spec"] if r["spec"] != r["method"] else r["method"]
+        if r.get("decode") == "generate":  # and how often the answer held a [SEG] (no [SEG]: empty mask)
+            seg = r.get("seg_rate")
+            method += " [generate" + (f", [SEG] in {seg:.0%}]" if seg is not None else "]")
         out.append([method + (f" ({status})" if status else ""), f"{r['dataset']}:{r['split']}", r.get("n", 0),
                     _fmt(r.get("giou"), 4), _fmt(r.get("ciou"), 4), _fmt(r.get("n_avg"), 1),
                     _fmt(r.get("tflops"), 5), _fmt(r.get("llm_tflops"), 5), _fmt(r.get("llm_total_ms"), 1)])

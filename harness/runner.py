@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 import harness
-from harness.flops import Arch, llm_flops
+from harness.engine import DECODE_MODES
+from harness.flops import Arch, compute_flops
 from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
 from harness.method import Method, budget_spec, create_method, split_budget
 from harness.metrics import aggregate, intersection_union, sample_iou
@@ -60,8 +61,9 @@ def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterabl
                 dtype: str = "fp32", attn: str = "sdpa", decode: str = "template",
                 data_root: str | None = None) -> list[Cell]:
     """Cells for every model x method x dataset ("name:split"); method specs are resolved and validated first."""
-    if decode != "template":
-        raise ValueError(f"decode mode {decode!r} is not available yet; use 'template' (LISA's evaluation)")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)} (template is LISA's "
+                         f"evaluation)")
     resolved = [canonical_spec(m) for m in methods]
     cells = []
     for model in models:
@@ -206,7 +208,7 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
             reset_peak_memory(model.device)
             prep, emb, sam_seconds = cache.get((cell.dataset, cell.split, s.image_id), s.image)
             r = model.segment(None, s.query, method, is_sentence=s.is_sentence, sample_key=s.id, prepared=prep,
-                              image_embeddings=emb, stopwatch=watch)
+                              image_embeddings=emb, stopwatch=watch, decode=cell.decode)
             inter, union = intersection_union(r.mask, s.gt_mask())
             latency = dict(r.latency)
             latency.pop("sam_encoder", None)  # measured in the cache when it ran; absent when it was reused
@@ -217,9 +219,11 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
                 "iou": sample_iou(inter, union), "n_avg": r.trace.n_avg,
                 "image_tokens_per_layer": r.trace.image_tokens_per_layer,
                 "tokens_per_layer": r.trace.tokens_per_layer, "kept_patches": _segments(r.trace.kept_patches),
-                "flops": r.flops, "llm_flops": {c: llm_flops(arch, r.ledger.layers, c) for c in ("csp", "routing")},
+                "flops": r.flops, "llm_flops": {c: compute_flops(arch, r.ledger, c)["llm"] for c in ("csp", "routing")},
                 "latency_s": latency, "peak_mem_bytes": peak_memory_bytes(model.device), "mask_rle": _rle(r.mask),
             }
+            if r.answer is not None:  # generate mode: what the model said, and whether it produced a mask
+                rec.update(answer=r.answer, has_seg=r.seg_hidden is not None)
             f.write(json.dumps(rec) + "\n")  # one complete line per write, flushed: never a partial record
             f.flush()
             records.append(rec)
@@ -233,11 +237,14 @@ def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | No
                    resolved: str | None = None) -> dict[str, Any]:
     """One summary row; `resolved` is the method with every parameter (a budget spec's mapping on the model)."""
     row: dict[str, Any] = {"cell": cell.id, "model": cell.model, "method": cell.method_name, "spec": cell.method,
-                           "resolved": resolved or cell.method, "dataset": cell.dataset, "split": cell.split}
+                           "resolved": resolved or cell.method, "dataset": cell.dataset, "split": cell.split,
+                           "decode": cell.decode}
     row.update(aggregate((r["intersection"], r["union"]) for r in records))
     row["complete"] = expected is None or len(records) >= expected
     if records:
         row["n_avg"] = float(np.mean([r["n_avg"] for r in records]))
+        if cell.decode == "generate":  # share of samples whose generated answer held a [SEG] (the rest score 0)
+            row["seg_rate"] = float(np.mean([r.get("has_seg", True) for r in records]))
         row["tflops"] = float(np.mean([r["flops"]["total"] for r in records])) / 1e12
         row["llm_tflops"] = float(np.mean([r["flops"]["llm"] for r in records])) / 1e12
         for conv in ("csp", "routing"):

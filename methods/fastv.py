@@ -34,7 +34,7 @@ class FastV(Method):
         ratio: FastV's R: the fraction of image tokens dropped (0 keeps all); ignored when `keep` is given.
         keep: keep exactly this many image tokens instead of using `ratio`.
         score: query row that ranks the image tokens: "last" (the last token, FastV) or "seg" (the token that
-            predicts [SEG], LISA's mask source).
+            predicts [SEG], LISA's mask source; in generate mode's prefill, the prompt's last token).
         seed: seed of the random subset when k=0.
     """
 
@@ -80,7 +80,7 @@ class FastV(Method):
         if self.k == 0:  # no attention before layer 0: the official code keeps a random subset
             return state.keep_image(img[torch.randperm(len(img), generator=ctx.rng)[:keep].to(img.device)])
         prev = ctx.scratch.pop("fastv_input")
-        q = len(prev) - 1 if self.score == "last" else prev.seg_source_row
+        q = len(prev) - 1 if self.score == "last" else prev.seg_predictor_row
         probs = ctx.attention_rows(self.k - 1, prev, torch.tensor([q], device=img.device))[0]  # (n,) head mean
         return state.keep_image(img[probs[prev.image_rows].topk(keep).indices])  # rows unchanged since K-1
 

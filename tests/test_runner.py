@@ -191,3 +191,24 @@ def test_exponent_floats_round_trip_through_specs():
     assert create_method("random:ratio=5e-05").ratio == 5e-05
     m = create_method("random", ratio=1e-7)
     assert create_method(m.spec()).ratio == 1e-7
+
+
+def test_generate_cells_record_the_answer_and_the_table_says_so(tmp_path):
+    template = expand_grid(["random:tiny"], ["fastv"], ["toy:val"], limit=2)[0]
+    cells = expand_grid(["random:tiny"], ["fastv"], ["toy:val"], limit=2, decode="generate")
+    assert cells[0].id != template.id
+    row = run_grid(cells, tmp_path)[0]
+    recs = read_records(tmp_path / "cells" / f"{row['cell']}.jsonl")
+    assert all(isinstance(r["answer"], str) for r in recs)
+    assert row["decode"] == "generate" and row["seg_rate"] == sum(r["has_seg"] for r in recs) / 2
+    assert all(r["iou"] == 0.0 for r in recs if not r["has_seg"])  # no [SEG]: LISA returns no mask
+    table = CliRunner().invoke(main, ["table", str(tmp_path)])
+    assert table.exit_code == 0 and "[generate, [SEG] in" in table.output
+
+
+def test_grid_with_an_unknown_decode_mode_is_one_line(tmp_path):
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("methods: [none]\ndatasets: ['toy:val']\ndecode: beam\n")
+    out = CliRunner().invoke(main, ["grid", str(cfg), "--out", str(tmp_path / "run")])
+    assert out.exit_code == 2 and "unknown decode mode 'beam'" in out.output
+    assert len(out.output.strip().splitlines()) == 1
