@@ -22,22 +22,30 @@ def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: 
     model = load_model(model_name, device=device)
     sample = load_dataset("toy", "val", limit=1)[0]
     prep = model.prepare(sample.image)
+    none, pruned = create_method("none"), create_method(drop, info=model.info)  # a budget resolves on the model
+    pruned.bind(model.info)
+    watch = Stopwatch(model.device)
+
+    def context(method, ledger):
+        return Context(model=model, info=model.info, ledger=ledger, rng=sample_rng(method, sample.id),
+                       position_policy=method.position_policy, watch=watch)
+
     with torch.inference_mode():
         feats = run_vision(model, prep.clip_pixels, Ledger())
         state0 = assemble(model, model.projector(feats.patches), feats.patch_index, sample.query, False)
-    none, pruned = create_method("none"), create_method(drop)
-    pruned.bind(model.info)
-    watch = Stopwatch(model.device)
+        # a pre-LLM method shortens the sequence before the LLM stage: its own work is in the vision stage
+        short = pruned.on_vision(feats, context(pruned, Ledger()))
+        states = {"none": state0,
+                  pruned.name: assemble(model, model.projector(short.patches), short.patch_index, sample.query, False)}
     ledgers: dict[str, Ledger] = {}
 
     def loop(method):
         def fn() -> dict[str, float]:
             ledger = Ledger()
-            ctx = Context(model=model, info=model.info, ledger=ledger, rng=sample_rng(method, sample.id),
-                          position_policy=method.position_policy, watch=watch)
+            ctx = context(method, ledger)
             watch.last = {}
             with torch.inference_mode(), watch("llm"):
-                run_llm(model, method.on_sequence(state0, ctx), method, ctx)
+                run_llm(model, method.on_sequence(states[method.name], ctx), method, ctx)
             ledgers[method.name] = ledger
             return {"llm": watch.last["llm"] + watch.last.get("method", 0.0)}
         return fn
@@ -58,7 +66,8 @@ def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: 
     measured = med["loop"] / med["pruned"]
     dtype = str(model.dtype).replace("torch.", "")
     lines = [f"model {model_name} on {model.device}, {dtype}, attention {model.attn_implementation}, "
-             f"{torch.get_num_threads()} threads; {len(state0)} tokens, {state0.n_image} image tokens; "
+             f"{torch.get_num_threads()} threads; {len(state0)} tokens, {state0.n_image} image tokens "
+             f"({states[pruned.name].n_image} entering the LLM with {pruned.name}); "
              f"{repeats} interleaved repeats after {warmup} warm-up",
              f"{'condition':<44}{'median ms':>10}{'p90 ms':>10}"]
     for name, label in (("stock", "stock LlamaModel.forward"), ("loop", "segprune loop, no method"),

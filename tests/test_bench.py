@@ -12,3 +12,8 @@ def test_bench_reports_every_condition_and_the_ideal_speedup():
         assert needle in out
     ideal = float(out.split("FLOPs-ideal ")[1].split("x")[0])
     assert 1.5 < ideal < 4  # 75% of 256 image tokens dropped from layer 2 of 8: far from 1, below 4
+
+
+def test_bench_takes_budget_specs_and_pre_llm_methods():
+    out = bench_llm("random:tiny", drop="visionzip@75%", repeats=1, warmup=0)
+    assert "(64 entering the LLM with visionzip)" in out and "visionzip:dominant=54,contextual=10" in out
