@@ -2,8 +2,8 @@
 
 The loop appends one `LayerRecord` per decoder layer (`generate` mode keeps its decode steps apart); the vision
 tower, projector and SAM record their token counts; methods record their own extra matmuls (scoring work) as
-`method` overhead. FLOPs are therefore exact for
-data-dependent budgets (adaptive token counts, per-image superpixels).
+`method` overhead. FLOPs are therefore exact for data-dependent budgets (adaptive token counts, per-image
+superpixels).
 """
 
 from __future__ import annotations
