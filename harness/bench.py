@@ -23,7 +23,7 @@ def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: 
     sample = load_dataset("toy", "val", limit=1)[0]
     prep = model.prepare(sample.image)
     none, pruned = create_method("none"), create_method(drop, info=model.info)  # a budget resolves on the model
-    pruned.bind(model.info)
+    pruned.bind(model.info)  # (a budget spec is bound already; a plain one is not)
     watch = Stopwatch(model.device)
 
     def context(method, ledger):
@@ -77,6 +77,7 @@ def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: 
     lines.append(f"peak memory: {peak / 2**20:.0f} MiB on {model.device}" if peak is not None else
                  f"peak memory: process max RSS {process_max_rss_bytes() / 2**20:.0f} MiB (CPU)")
     lines.append(f"loop / stock: {med['loop'] / med['stock']:.3f}x (target <= 1.05)")
+    note = "; LLM stage only: a pre-LLM method's own work runs before it" if pruned.stage == "pre-llm" else ""
     lines.append(f"pruned speedup: measured {measured:.2f}x, FLOPs-ideal {ideal:.2f}x, realised "
-                 f"{measured / ideal:.2f} of ideal (target >= 0.8)")
+                 f"{measured / ideal:.2f} of ideal (target >= 0.8{note})")
     return "\n".join(lines)

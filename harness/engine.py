@@ -236,10 +236,13 @@ def greedy_decode(model: SegModel, state: TokenState, cache: DynamicCache, ctx: 
         if token == model.tokenizer.eos_token_id or step == max_new_tokens - 1:
             break
         x = lm.embed_tokens(torch.tensor([[token]], device=dev))
+        ropes: dict[int, tuple[Tensor, Tensor]] = {}  # by position: one under "original", one per cache length else
         for i, layer in enumerate(lm.layers):
             kv = cache.get_seq_length(i)
             position = next_position + step if ctx.position_policy == "original" else kv
-            rope = lm.rotary_emb(x, torch.tensor([[position]], device=dev))
+            if position not in ropes:
+                ropes[position] = lm.rotary_emb(x, torch.tensor([[position]], device=dev))
+            rope = ropes[position]
             a, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=rope,
                                    attention_mask=None, past_key_values=cache)  # one query row: nothing to mask
             x = x + a
@@ -283,6 +286,8 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     from harness.flops import Arch, compute_flops
     from harness.model import SegmentResult
 

@@ -70,12 +70,6 @@ class TokenState:
         return src
 
     @property
-    def seg_predictor_row(self) -> int:
-        """The [SEG] source row when the answer is in the sequence (template mode); in generate mode's prefill, the
-        prompt's last row, which chooses the first answer token (LISA's answer starts with [SEG])."""
-        return self.seg_source_row if bool((self.kind == Kind.SEG).any()) else self.last_prompt_row
-
-    @property
     def last_prompt_row(self) -> int:
         """Row of the prompt's last token, the one before the answer: what generation's prefill ends with, and the
         query row of PyramidDrop's "last instruction token" (in LISA's template the answer starts with [SEG], so

@@ -80,7 +80,7 @@ class FastV(Method):
         if self.k == 0:  # no attention before layer 0: the official code keeps a random subset
             return state.keep_image(img[torch.randperm(len(img), generator=ctx.rng)[:keep].to(img.device)])
         prev = ctx.scratch.pop("fastv_input")
-        q = len(prev) - 1 if self.score == "last" else prev.seg_predictor_row
+        q = len(prev) - 1 if self.score == "last" else prev.last_prompt_row  # predicts [SEG], in both modes
         probs = ctx.attention_rows(self.k - 1, prev, torch.tensor([q], device=img.device))[0]  # (n,) head mean
         return state.keep_image(img[probs[prev.image_rows].topk(keep).indices])  # rows unchanged since K-1
 

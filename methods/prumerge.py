@@ -1,5 +1,6 @@
 """PruMerge and PruMerge+: keep the patches the CLS token attends to unusually strongly, each merged with its
-32 most similar patches (Shang et al., LLaVA-PruMerge, ICCV 2025; reference notes section 3).
+32 most similar patches (Shang et al., LLaVA-PruMerge, ICCV 2025, github.com/42Shawn/LLaVA-PruMerge; reference
+notes section 3).
 
 Both read the *last* CLIP layer's q and k, computed from the selected feature layer's output H (LLaVA's
 hidden_states[-2], the layer after it is never run for LLaVA): full width, bias included, one "head", no q scaling
@@ -115,7 +116,6 @@ class PruMerge(Method):
     def on_vision(self, feats: VisionFeatures, ctx: Context) -> VisionFeatures:
         a, keys = cls_attention(feats, ctx)
         ratio = self.ratio if self.ratio is not None else iqr_ratio(a)
-        ctx.scratch["prumerge_ratio"] = ratio
         return merge(feats, a, keys, self.centres(a, ratio), ctx)
 
     def image_schedule(self, info: ModelInfo) -> list[int] | None:
@@ -147,7 +147,9 @@ class PruMergePlus(PruMerge):
 
     deviations = (PruMerge.deviations + "; when no patch is an outlier (ratio 0, where the official code divides by "
                   "zero) one centre is kept (ratio 1/N), and a ratio above 1/3 (official stride 0, an error) uses "
-                  "stride 1")
+                  "stride 1; a given `ratio` (and so a budget) runs the inference path's formulas with that ratio, "
+                  "which the official code does not offer (its fixed-ratio training path strides from step/2 with "
+                  "stride step and keeps duplicates)")
 
     def centres(self, a: Tensor, ratio: float) -> Tensor:
         n = a.numel()

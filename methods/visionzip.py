@@ -1,6 +1,6 @@
 """VisionZip: dominant tokens by CLS attention plus contextual tokens merged by key similarity, before the projector
-(Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, CVPR 2025; reference notes
-section 4).
+(Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, CVPR 2025,
+github.com/dvlab-research/VisionZip; reference notes section 4).
 
 Everything comes from the selected feature layer (LLaVA's hidden_states[-2], CLIP layer 22 of 24): its output H
 (CLS included), its attention probabilities and its keys. The CLS row of the attention is recomputed per head from
@@ -104,7 +104,7 @@ class VisionZip(Method):
                 total = torch.zeros(len(targets), h.shape[1], dtype=h.dtype, device=dev)
                 total.index_add_(0, owner, hr[members])
                 count = torch.bincount(owner, minlength=len(targets)).to(h.dtype)[:, None]
-                ctx_tokens = hr[targets] + torch.where(count > 0, total / count.clamp(min=1), 0.0)
+                ctx_tokens = hr[targets] + total / count.clamp(min=1)  # no members: total is 0
                 tokens.append(ctx_tokens)
                 index.append(rest[targets] - 1)
                 ctx.ledger.add_method_matmul(len(members), metric.shape[1], len(targets))

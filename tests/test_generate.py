@@ -131,6 +131,8 @@ def test_generate_flops_match_flop_counter(spec, tiny_eager, image):
     assert r.flops["total"] == pytest.approx(counter.get_total_flops(), rel=0.01)
 
 
-def test_unknown_decode_mode_is_refused(tiny, image):
+def test_unknown_decode_mode_and_bad_token_limit_are_refused(tiny, image):
     with pytest.raises(ValueError, match="template, generate"):
         tiny.segment(image, QUERY, decode="beam")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tiny.segment(image, QUERY, decode="generate", max_new_tokens=0)

@@ -53,10 +53,10 @@ def prumerge_reference(model, image, plus=False, ratio=None):
     if ratio is None:
         q1, q3 = np.percentile(a, 25), np.percentile(a, 75)
         ratio = float(np.sum(a > q3 + 1.5 * (q3 - q1))) / n
+    if plus:
+        ratio = max(ratio, 1 / n)  # the documented deviation for ratio 0
     kept = list(np.argsort(-a, kind="stable")[: int(n * ratio)])
     if plus:
-        ratio = max(ratio, 1 / n)
-        kept = list(np.argsort(-a, kind="stable")[: int(n * ratio)])
         t = max(1, int(int(1 / ratio) / 3))
         kept += [i for i in range(0, n - 1, t) if i not in kept]
     keys = k[1:]
@@ -109,11 +109,15 @@ def images(n):
 
 @pytest.mark.parametrize("k", range(3))
 def test_prumerge_adaptive_k_is_the_iqr_count_and_tokens_follow_the_formulas(tiny, k):
-    image = images(3)[k]
+    image = images(3)[k]  # 9, 2 and 2 outliers
     got, r = projector_input(tiny, image, "prumerge")
     kept, want, outliers = prumerge_reference(tiny, image)
-    assert len(kept) == outliers and got.shape[0] == outliers + 1  # centres plus the extra token
+    assert outliers > 0 and len(kept) == outliers and got.shape[0] == outliers + 1  # centres plus the extra token
     assert r.trace.kept_patches[0] == [int(i) for i in kept] + [-1]  # descending attention, extra last
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    got, r = projector_input(tiny, image, "prumerge+")
+    kept, want, _ = prumerge_reference(tiny, image, plus=True)
+    assert r.trace.kept_patches[0] == [int(i) for i in kept] + [-1]
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
