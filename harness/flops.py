@@ -194,14 +194,18 @@ def lm_head_flops(arch: Arch, ledger: Ledger, convention: str = "exact") -> int:
     return 2 * ledger.lm_head_rows * arch.llm["hidden_size"] * arch.llm["vocab_size"]
 
 
+def llm_total_flops(arch: Arch, ledger: Ledger, convention: str = "exact") -> int:
+    """The `llm` component: prefill layers, generate mode's decode steps and (in `exact`) its lm_head rows."""
+    return llm_flops(arch, ledger.layers + ledger.decode_layers, convention) + lm_head_flops(arch, ledger, convention)
+
+
 def compute_flops(arch: Arch, ledger: Ledger, convention: str = "exact") -> dict[str, int]:
     """FLOPs by component (`COMPONENTS`) plus `total`, in the named convention."""
     out = {
         "vision": 2 * vision_macs(arch, ledger),
         "method": 2 * sum(m * k * n for m, k, n in ledger.method),
         "projector": 2 * projector_macs(arch, ledger),
-        "llm": llm_flops(arch, ledger.layers + ledger.decode_layers, convention)
-        + lm_head_flops(arch, ledger, convention),
+        "llm": llm_total_flops(arch, ledger, convention),
         "sam_encoder": 2 * sam_encoder_macs(arch) * ledger.sam_images if arch.sam else 0,
         "mask_decoder": 2 * mask_decoder_macs(arch, ledger.seg_prompts) if arch.sam else 0,
     }

@@ -27,7 +27,7 @@ import torch
 
 import harness
 from harness.engine import DECODE_MODES
-from harness.flops import Arch, compute_flops
+from harness.flops import Arch, llm_total_flops
 from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
 from harness.method import Method, budget_spec, create_method, split_budget
 from harness.metrics import aggregate, intersection_union, sample_iou
@@ -219,7 +219,7 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
                 "iou": sample_iou(inter, union), "n_avg": r.trace.n_avg,
                 "image_tokens_per_layer": r.trace.image_tokens_per_layer,
                 "tokens_per_layer": r.trace.tokens_per_layer, "kept_patches": _segments(r.trace.kept_patches),
-                "flops": r.flops, "llm_flops": {c: compute_flops(arch, r.ledger, c)["llm"] for c in ("csp", "routing")},
+                "flops": r.flops, "llm_flops": {c: llm_total_flops(arch, r.ledger, c) for c in ("csp", "routing")},
                 "latency_s": latency, "peak_mem_bytes": peak_memory_bytes(model.device), "mask_rle": _rle(r.mask),
             }
             if r.answer is not None:  # generate mode: what the model said, and whether it produced a mask
