@@ -23,6 +23,8 @@ class Sample:
         mask: (H, W) uint8 ground truth, 1 = target, 0 = background, 255 = ignore; or a zero-argument callable
             that decodes it (large datasets decode masks when they are scored, not when they are listed).
         is_sentence: ReasonSeg-style full-sentence query (LISA uses a different template for those).
+        instances: zero-argument callable giving every annotated instance of the image as a (K, H, W) bool array
+            (refer-format datasets), or None where the dataset has no instance annotations (ReasonSeg).
     """
 
     id: str
@@ -31,6 +33,7 @@ class Sample:
     query: str
     mask: np.ndarray | Callable[[], np.ndarray]
     is_sentence: bool = False
+    instances: Callable[[], np.ndarray] | None = None
 
     def gt_mask(self) -> np.ndarray:
         return self.mask() if callable(self.mask) else self.mask

@@ -113,6 +113,9 @@ def load_refer_folder(ds_dir: str | os.PathLike, image_dir: str | os.PathLike, s
         anns = {a["id"]: a for a in inst["annotations"]}
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{inst_path} is not a COCO instances file ({type(err).__name__}: {err})") from None
+    by_image: dict[int, list[dict]] = {}
+    for a in inst["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
     splits = sorted({r.get("split") for r in refs} - {None})
     chosen = [r for r in refs if r.get("split") == split]
     if not chosen:
@@ -129,11 +132,16 @@ def load_refer_folder(ds_dir: str | os.PathLike, image_dir: str | os.PathLike, s
         def mask(seg=ann["segmentation"], h=im["height"], w=im["width"]) -> np.ndarray:
             return _decode(seg, h, w)
 
+        def instances(image_anns=by_image.get(ref["image_id"], []), h=im["height"], w=im["width"]) -> np.ndarray:
+            return np.stack([_decode(a["segmentation"], h, w) for a in image_anns]).astype(bool) \
+                if image_anns else np.zeros((0, h, w), bool)
+
         for k, sent in enumerate(ref["sentences"]):
             text = sent["sent"].strip()
             samples.append(Sample(id=f"{id_prefix}{ref['ref_id']}-{sent.get('sent_id', k)}",
                                   image_id=str(ref["image_id"]), image=path, query=text.lower() if lower else text,
-                                  mask=mask, is_sentence=bool(ref.get("is_sentence", is_sentence))))
+                                  mask=mask, is_sentence=bool(ref.get("is_sentence", is_sentence)),
+                                  instances=instances))
             if limit is not None and len(samples) >= limit:
                 return samples
     return samples

@@ -64,6 +64,8 @@ class Context:
     record: LayerRecord | None = None  # ledger record of the layer being run (for `ffn` overrides)
     position_policy: str = "original"
     watch: Stopwatch = field(default_factory=Stopwatch)
+    image: Any = None  # the input image (path, array or PIL), for methods that run their own model on it
+    instances: Any = None  # the dataset's instance masks of the image, (K, H, W) bool, or a callable giving them
 
     def overhead(self):
         """Context manager charging the enclosed scoring work's time to the "method" stage."""
@@ -277,12 +279,13 @@ MAX_NEW_TOKENS = 32  # generate mode: LISA's `evaluate` default (its answer "[SE
 def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_sentence: bool = False,
             sample_key: str = "", prepared: Prepared | None = None, image_embeddings: Tensor | None = None,
             stopwatch: Stopwatch | None = None, decode: str = "template",
-            max_new_tokens: int = MAX_NEW_TOKENS) -> SegmentResult:
+            max_new_tokens: int = MAX_NEW_TOKENS, instances: Any = None) -> SegmentResult:
     """Run one image and query through the model with `method`; see `SegModel.segment`.
 
     `decode`: "template" (LISA's evaluation: one forward with the answer "[SEG].</s>" teacher-forced) or "generate"
     (a cached prefill of the prompt, then greedy decoding; see `greedy_decode`). When no [SEG] is generated the mask
-    is empty, as LISA returns no mask.
+    is empty, as LISA returns no mask. `instances`: the dataset's instance masks of the image (a (K, H, W) array or
+    a callable returning it), for methods that can use them for analysis (LVLM_CSP's oracle Seg-First).
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
@@ -298,7 +301,7 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
     watch.last = {}
     ledger = Ledger()
     ctx = Context(model=model, info=info, ledger=ledger, rng=sample_rng(method, sample_key or query),
-                  position_policy=method.position_policy, watch=watch)
+                  position_policy=method.position_policy, watch=watch, image=image, instances=instances)
     with torch.inference_mode():
         prep = prepared if prepared is not None else model.prepare(image)
         with watch("vision"):

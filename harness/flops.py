@@ -203,7 +203,7 @@ def compute_flops(arch: Arch, ledger: Ledger, convention: str = "exact") -> dict
     """FLOPs by component (`COMPONENTS`) plus `total`, in the named convention."""
     out = {
         "vision": 2 * vision_macs(arch, ledger),
-        "method": 2 * sum(m * k * n for m, k, n in ledger.method),
+        "method": 2 * sum(m * k * n for m, k, n in ledger.method) + ledger.method_flops,
         "projector": 2 * projector_macs(arch, ledger),
         "llm": llm_total_flops(arch, ledger, convention),
         "sam_encoder": 2 * sam_encoder_macs(arch) * ledger.sam_images if arch.sam else 0,

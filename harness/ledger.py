@@ -40,6 +40,7 @@ class Ledger:
     projector_tokens: int = 0
     layers: list[LayerRecord] = field(default_factory=list)
     method: list[tuple[int, int, int]] = field(default_factory=list)  # method matmuls as (m, k, n)
+    method_flops: int = 0  # FLOPs of whole models a method runs (LVLM_CSP's YOLO-seg), counted by `harness.flops`
     seg_prompts: int = 0  # [SEG] embeddings decoded by SAM
     sam_images: int = 0  # images through the SAM image encoder
     decode_layers: list[LayerRecord] = field(default_factory=list)  # generate mode: one per decode step and layer

@@ -246,8 +246,9 @@ class SegModel(nn.Module):
                 sample_key: str = "", **engine: Any) -> SegmentResult:
         """Segment `query` in `image` with a reduction `method` (a Method, a spec string or None).
 
-        `engine` options: `decode` ("template" or "generate", see `harness.engine.segment`), `max_new_tokens`, and
-        `prepared`, `image_embeddings`, `stopwatch` to let a runner reuse per-image work.
+        `engine` options: `decode` ("template" or "generate", see `harness.engine.segment`), `max_new_tokens`,
+        `instances` (the dataset's instance masks, for oracle analyses), and `prepared`, `image_embeddings`,
+        `stopwatch` to let a runner reuse per-image work.
         """
         from harness.engine import segment
 

@@ -207,8 +207,8 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
                 continue
             reset_peak_memory(model.device)
             prep, emb, sam_seconds = cache.get((cell.dataset, cell.split, s.image_id), s.image)
-            r = model.segment(None, s.query, method, is_sentence=s.is_sentence, sample_key=s.id, prepared=prep,
-                              image_embeddings=emb, stopwatch=watch, decode=cell.decode)
+            r = model.segment(s.image, s.query, method, is_sentence=s.is_sentence, sample_key=s.id, prepared=prep,
+                              image_embeddings=emb, stopwatch=watch, decode=cell.decode, instances=s.instances)
             inter, union = intersection_union(r.mask, s.gt_mask())
             latency = dict(r.latency)
             latency.pop("sam_encoder", None)  # measured in the cache when it ran; absent when it was reused
@@ -249,7 +249,7 @@ def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | No
         row["llm_tflops"] = float(np.mean([r["flops"]["llm"] for r in records])) / 1e12
         for conv in ("csp", "routing"):
             row[f"llm_tflops_{conv}"] = float(np.mean([r["llm_flops"][conv] for r in records])) / 1e12
-        for stage in ("vision", "method", "projector", "llm", "sam_encoder", "mask_decoder"):
+        for stage in ("vision", "method", "instances", "projector", "llm", "sam_encoder", "mask_decoder"):
             vals = [r["latency_s"][stage] for r in records if stage in r["latency_s"]]
             row[f"{stage}_ms"] = float(np.median(vals)) * 1e3 if vals else float("nan")
         # the LLM stage as papers report it (T_LVLM): the loop plus the method's scoring inside it

@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from harness.model import verify_checksum, write_checksum
 
 BUNDLED_YOLO = Path(__file__).parent / "assets" / "yolo11n-seg-shapes.pt"
@@ -67,6 +69,48 @@ def bundle_yolo(weights: str | os.PathLike, dest: str | os.PathLike = BUNDLED_YO
     if record is not None:
         dest.with_suffix(".json").write_text(json.dumps(record, indent=2))
     return dest
+
+
+def run_yolo(yolo, image, *, conf: float = 0.25, device: str | None = None) -> tuple[np.ndarray, int]:
+    """Instance masks of a PIL image, (K, H, W) bool at the image's size, and the FLOPs it took: the network at the
+    letterboxed input size (counted once per size with torch's FLOP counter, 2 x MACs like `harness.flops`) plus
+    the mask prototypes' matmul per detection. Keeps torch's thread count (ultralytics' predictor sets it to 1)."""
+    import torch
+
+    if yolo.predictor is None:  # the predictor runs its own (fused) copy of the network: set it up first
+        yolo.predict(np.zeros((32, 32, 3), np.uint8), verbose=False, device=device)
+    net = yolo.predictor.model.model
+    seen: dict[str, tuple] = {}
+    hooks = [net.register_forward_pre_hook(lambda m, args: seen.__setitem__("input", tuple(args[0].shape))),
+             net.model[-1].proto.register_forward_hook(lambda m, a, out: seen.__setitem__("proto", tuple(out.shape)))]
+    threads = torch.get_num_threads()
+    try:
+        result = yolo.predict(image, conf=conf, retina_masks=True, verbose=False, device=device)[0]
+    finally:
+        torch.set_num_threads(threads)
+        for h in hooks:
+            h.remove()
+    w, h = image.size
+    if result.masks is None:
+        masks = np.zeros((0, h, w), bool)
+    else:
+        masks = result.masks.data.cpu().numpy() > 0.5
+    _, channels, ph, pw = seen["proto"]
+    return masks, network_flops(net, seen["input"]) + 2 * len(masks) * channels * ph * pw
+
+
+def network_flops(net, shape: tuple) -> int:
+    """FLOPs of one forward of a YOLO network at an input shape, counted once with torch's FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cache = net.__dict__.setdefault("_segprune_flops", {})
+    if shape not in cache:
+        p = next(net.parameters())
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            net(torch.zeros(shape, dtype=p.dtype, device=p.device))
+        cache[shape] = int(counter.get_total_flops())
+    return cache[shape]
 
 
 def load_yolo(weights: str | os.PathLike | None = None):

@@ -48,7 +48,7 @@ def assembled_sequence(model, image, query: str, method: Method) -> TokenState:
     """The sequence the LLM starts from, after the method's pre-LLM event (the method's own vision step)."""
     prep = model.prepare(image)
     ledger = Ledger()
-    ctx = Context(model=model, info=model.info, ledger=ledger, rng=torch.Generator().manual_seed(0))
+    ctx = Context(model=model, info=model.info, ledger=ledger, rng=torch.Generator().manual_seed(0), image=image)
     with torch.inference_mode():
         feats = method.on_vision(run_vision(model, prep.clip_pixels, ledger), ctx)
         return assemble(model, model.projector(feats.patches), feats.patch_index, query, False)
