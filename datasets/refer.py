@@ -132,7 +132,8 @@ def load_refer_folder(ds_dir: str | os.PathLike, image_dir: str | os.PathLike, s
         def mask(seg=ann["segmentation"], h=im["height"], w=im["width"]) -> np.ndarray:
             return _decode(seg, h, w)
 
-        def instances(image_anns=by_image.get(ref["image_id"], []), h=im["height"], w=im["width"]) -> np.ndarray:
+        def instances(image_id=ref["image_id"], h=im["height"], w=im["width"]) -> np.ndarray:
+            image_anns = by_image.get(image_id, [])
             return np.stack([_decode(a["segmentation"], h, w) for a in image_anns]).astype(bool) \
                 if image_anns else np.zeros((0, h, w), bool)
 

@@ -26,15 +26,20 @@ def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: 
     pruned.bind(model.info)  # (a budget spec is bound already; a plain one is not)
     watch = Stopwatch(model.device)
 
+    scratch: dict = {}  # what the pruned method's pre-LLM step left for its LLM events (LVLM_CSP's selection)
+
     def context(method, ledger):
         return Context(model=model, info=model.info, ledger=ledger, rng=sample_rng(method, sample.id),
-                       position_policy=method.position_policy, watch=watch)
+                       position_policy=method.position_policy, watch=watch, image=sample.image,
+                       scratch=dict(scratch) if method is pruned else {})
 
     with torch.inference_mode():
         feats = run_vision(model, prep.clip_pixels, Ledger())
         state0 = assemble(model, model.projector(feats.patches), feats.patch_index, sample.query, False)
         # a pre-LLM method shortens the sequence before the LLM stage: its own work is in the vision stage
-        short = pruned.on_vision(feats, context(pruned, Ledger()))
+        pre = context(pruned, Ledger())
+        short = pruned.on_vision(feats, pre)
+        scratch.update(pre.scratch)
         states = {"none": state0,
                   pruned.name: assemble(model, model.projector(short.patches), short.patch_index, sample.query, False)}
     ledgers: dict[str, Ledger] = {}

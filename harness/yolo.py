@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,50 +73,67 @@ def bundle_yolo(weights: str | os.PathLike, dest: str | os.PathLike = BUNDLED_YO
     return dest
 
 
-def run_yolo(yolo, image, *, conf: float = 0.25, device: str | None = None) -> tuple[np.ndarray, int]:
-    """Instance masks of a PIL image, (K, H, W) bool at the image's size, and the FLOPs it took: the network at the
-    letterboxed input size (counted once per size with torch's FLOP counter, 2 x MACs like `harness.flops`) plus
-    the mask prototypes' matmul per detection. Keeps torch's thread count (ultralytics' predictor sets it to 1)."""
+@dataclass
+class Detections:
+    """Instance masks of one image and what their FLOPs depend on."""
+
+    masks: np.ndarray  # (K, H, W) bool at the image's size
+    input_shape: tuple[int, ...]  # the letterboxed network input
+    proto_shape: tuple[int, ...]  # the mask prototypes (1, C, h, w)
+
+
+@contextmanager
+def torch_threads():
+    """Restore torch's thread count afterwards: ultralytics' device selection changes it."""
     import torch
 
-    if yolo.predictor is None:  # the predictor runs its own (fused) copy of the network: set it up first
-        yolo.predict(np.zeros((32, 32, 3), np.uint8), verbose=False, device=device)
-    net = yolo.predictor.model.model
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_yolo(yolo, image, *, conf: float = 0.25, device: str | None = None) -> Detections:
+    """Instance masks of a PIL image with a model from `load_yolo` (masks at the image's size, as LVLM_CSP uses)."""
+    net = yolo.predictor.model.model  # the predictor's own (fused) copy of the network is what runs
     seen: dict[str, tuple] = {}
     hooks = [net.register_forward_pre_hook(lambda m, args: seen.__setitem__("input", tuple(args[0].shape))),
              net.model[-1].proto.register_forward_hook(lambda m, a, out: seen.__setitem__("proto", tuple(out.shape)))]
-    threads = torch.get_num_threads()
     try:
-        result = yolo.predict(image, conf=conf, retina_masks=True, verbose=False, device=device)[0]
+        with torch_threads():
+            result = yolo.predict(image, conf=conf, retina_masks=True, verbose=False, device=device)[0]
     finally:
-        torch.set_num_threads(threads)
         for h in hooks:
             h.remove()
     w, h = image.size
-    if result.masks is None:
-        masks = np.zeros((0, h, w), bool)
-    else:
-        masks = result.masks.data.cpu().numpy() > 0.5
-    _, channels, ph, pw = seen["proto"]
-    return masks, network_flops(net, seen["input"]) + 2 * len(masks) * channels * ph * pw
+    masks = np.zeros((0, h, w), bool) if result.masks is None else result.masks.data.cpu().numpy() > 0.5
+    return Detections(masks, seen["input"], seen["proto"])
 
 
-def network_flops(net, shape: tuple) -> int:
-    """FLOPs of one forward of a YOLO network at an input shape, counted once with torch's FLOP counter."""
+_NETWORK_FLOPS: dict[tuple[int, tuple[int, ...]], int] = {}
+
+
+def yolo_flops(yolo, det: Detections) -> int:
+    """FLOPs of one `run_yolo` call (2 x MACs, like `harness.flops`): the network at its input shape, counted once
+    per shape with torch's FLOP counter, plus the prototype matmul of each kept detection (ultralytics drops
+    detections whose mask came out empty after computing it; those are not counted)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    cache = net.__dict__.setdefault("_segprune_flops", {})
-    if shape not in cache:
+    net = yolo.predictor.model.model
+    key = (id(net), det.input_shape)
+    if key not in _NETWORK_FLOPS:
         p = next(net.parameters())
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            net(torch.zeros(shape, dtype=p.dtype, device=p.device))
-        cache[shape] = int(counter.get_total_flops())
-    return cache[shape]
+            net(torch.zeros(det.input_shape, dtype=p.dtype, device=p.device))
+        _NETWORK_FLOPS[key] = int(counter.get_total_flops())
+    _, channels, ph, pw = det.proto_shape
+    return _NETWORK_FLOPS[key] + 2 * len(det.masks) * channels * ph * pw
 
 
-def load_yolo(weights: str | os.PathLike | None = None):
-    """The bundled shapes-ref YOLO-seg (checksum-checked), or a user's own YOLO-seg checkpoint."""
+def load_yolo(weights: str | os.PathLike | None = None, device: str | None = None):
+    """The bundled shapes-ref YOLO-seg (checksum-checked), or a user's own YOLO-seg checkpoint, ready to predict."""
     from ultralytics import YOLO
 
     path = Path(weights) if weights else BUNDLED_YOLO
@@ -123,4 +142,10 @@ def load_yolo(weights: str | os.PathLike | None = None):
         raise ValueError(f"YOLO-seg weights not found at {path}; {hint}")
     if weights is None:
         verify_checksum(path, "reinstall segprune or retrain with `segprune train yolo --bundle`")
-    return YOLO(str(path), task="segment")
+    yolo = YOLO(str(path), task="segment")
+    if getattr(yolo.model.model[-1], "proto", None) is None:
+        raise ValueError(f"{path} is not a YOLO-seg (instance segmentation) checkpoint; LVLM_CSP's Seg-First needs "
+                         f"one, e.g. yolo11n-seg.pt")
+    with torch_threads():  # set the predictor up now, so its one-off work is not timed with the first image
+        yolo.predict(np.zeros((32, 32, 3), np.uint8), verbose=False, device=device)
+    return yolo

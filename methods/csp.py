@@ -1,7 +1,8 @@
 """LVLM_CSP: clustering, scattering and pruning of image tokens for reasoning segmentation.
 
-The paper (`shared/papers/003_49dc83a1ba0cbf7c.txt`, sections 3.1-3.4, Tables 4-6) is the only specification; it
-has no public code. Three stages over the decoder layers:
+Chen et al., "LVLM_CSP: Accelerating Large Vision Language Models via Clustering, Scattering, and Pruning for
+Reasoning Segmentation", 2025 (arxiv.org/abs/2504.10854). The paper (sections 3.1-3.4, Tables 4-6) is the only
+specification; it has no public code. Three stages over the decoder layers:
 
 1. **Clustering** (layers 0..L_c-1): all N image tokens are projected, but only N_c representatives enter the
    LLM, keeping their original position ids (eq. 6); the other N - N_c are held back with their layer-0 embeddings.
@@ -36,27 +37,41 @@ PRESETS = {  # Table 6, LLaVA-1.5-7B 224 px: pruning ratio (%) -> (L_c, N_c, L_s
     65: (6, 96, 8, 8), 70: (7, 80, 7, 8), 75: (8, 64, 6, 4), 80: (10, 48, 4, 8), 85: (11, 32, 3, 8),
     90: (12, 32, 2, 2),
 }
+TABLE6 = {  # Table 6's own blocks, by (decoder layers, image tokens): used as given on a model of that layout
+    REFERENCE: PRESETS,
+    (32, 576): {65: (6, 128, 9, 32), 70: (6, 32, 9, 16), 75: (7, 64, 7, 16), 80: (8, 24, 6, 8), 85: (9, 32, 4, 8),
+                90: (11, 32, 3, 2)},  # LLaVA-1.5-7B at 336 px
+    (40, 256): {65: (5, 64, 11, 16), 70: (6, 64, 10, 8), 75: (7, 32, 9, 8), 80: (9, 16, 7, 8), 85: (11, 16, 5, 8),
+                90: (12, 32, 2, 8)},  # LLaVA-1.5-13B at 224 px
+}
 HELD = "csp"  # name of the held-back tokens in the token state
+
+
+def preset(ratio: int, info: ModelInfo) -> tuple[int, int, int, int]:
+    """Table 6's (L_c, N_c, L_s, N_p) for a pruning ratio: the block of the model's layout if the paper has one,
+    else the LLaVA-1.5-7B 224-px block scaled to the model."""
+    block = TABLE6.get((info.n_layers, info.n_image_tokens))
+    return block[ratio] if block else scale_config(PRESETS[ratio], info)
 
 
 def scale_config(config: tuple[int, int, int, int], info: ModelInfo) -> tuple[int, int, int, int]:
     """A (L_c, N_c, L_s, N_p) given for 32 layers and 256 image tokens, scaled to the model: layer counts by L / 32
     and token counts by N / 256 (rounded, at least 1), with L_c + L_s at most L."""
-    lc, nc, ls, n_p = config
+    l_c, n_c, l_s, n_p = config
     layers, n = info.n_layers, info.n_image_tokens
-    lc_s = min(max(1, round(lc * layers / REFERENCE[0])), layers - 1)
-    ls_s = min(max(1, round(ls * layers / REFERENCE[0])), layers - lc_s)
-    return lc_s, max(1, min(n, round(nc * n / REFERENCE[1]))), ls_s, max(1, min(n, round(n_p * n / REFERENCE[1])))
+    lc = min(max(1, round(l_c * layers / REFERENCE[0])), layers - 1)
+    ls = min(max(1, round(l_s * layers / REFERENCE[0])), layers - lc)
+    return lc, max(1, min(n, round(n_c * n / REFERENCE[1]))), ls, max(1, min(n, round(n_p * n / REFERENCE[1])))
 
 
-def n_avg(lc: int, nc: int, ls: int, n_p: int, n: int, layers: int) -> float:
+def n_avg(l_c: int, n_c: int, l_s: int, n_p: int, n: int, layers: int) -> float:
     """Eq. 9 (the paper's tables print it truncated)."""
-    return (nc * lc + n * ls + n_p * (layers - lc - ls)) / layers
+    return (n_c * l_c + n * l_s + n_p * (layers - l_c - l_s)) / layers
 
 
-def uniform_indices(n: int, nc: int) -> Tensor:
+def uniform_indices(n: int, n_c: int) -> Tensor:
     """Eq. 2 as written: S[i] = i floor(N / N_c), a stride over the raster order (not a 2-D grid)."""
-    return torch.arange(nc) * (n // nc)
+    return torch.arange(n_c) * (n // n_c)
 
 
 def cls_scores(feats: VisionFeatures, ctx: Context) -> Tensor:
@@ -88,23 +103,23 @@ def patch_coverage(masks: np.ndarray, ctx: Context, grid: tuple[int, int]) -> Te
     geometry (shortest side resized to the crop size, then centre-cropped), as the paper reshapes the masks."""
     proc = ctx.model.clip_processor
     crop = proc.crop_size["height"] if getattr(proc, "do_center_crop", True) else None
-    short = proc.size.get("shortest_edge", crop)
+    short = proc.size["shortest_edge"]
     m = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
     h, w = m.shape[-2:]
-    scale = short / min(h, w)
-    size = (max(short, round(h * scale)), max(short, round(w * scale)))
-    m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # HF: the long side truncated
+    m = F.interpolate(m, size=size, mode="area")
     if crop is not None:
         top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
         m = m[..., top:top + crop, left:left + crop]
     return F.adaptive_avg_pool2d(m, grid).flatten(1)  # (K, h*w)
 
 
-def seg_first_indices(coverage: Tensor, nc: int, rng: torch.Generator) -> Tensor:
+def seg_first_indices(coverage: Tensor, n_c: int, rng: torch.Generator) -> Tensor:
     """Eq. 4-5: S_o[i] = max(1, floor(N_c area_i / sum_j area_j)) tokens drawn uniformly without replacement from
     instance i's patches (those at least half covered; the most covered one for an instance smaller than a patch),
     capped at the instance's patch count; S is the union. Background is never chosen and a budget the floors leave
-    over stays unused, as in the paper (its Table 4 N_avg of Seg-First is below eq. 9's with the nominal N_c)."""
+    over stays unused, as in the paper (its Table 4 N_avg of Seg-First is below eq. 9's with the nominal N_c); the
+    at-least-one rule can also take |S| above N_c when there are more instances than N_c."""
     area = coverage.sum(1)
     coverage, area = coverage[area > 0], area[area > 0]
     chosen: list[Tensor] = []
@@ -112,7 +127,7 @@ def seg_first_indices(coverage: Tensor, nc: int, rng: torch.Generator) -> Tensor
         members = (cov >= 0.5).nonzero().squeeze(1)
         if members.numel() == 0:
             members = cov.argmax()[None]
-        count = min(max(1, math.floor(nc * float(a) / float(area.sum()))), members.numel())
+        count = min(max(1, math.floor(n_c * float(a) / float(area.sum()))), members.numel())
         chosen.append(members[torch.randperm(members.numel(), generator=rng)[:count]])
     return torch.cat(chosen).unique() if chosen else torch.zeros(0, dtype=torch.long)
 
@@ -122,23 +137,29 @@ class LVLMCSP(Method):
     """LVLM_CSP: N_c representatives for L_c layers, all N tokens for L_s layers, the top N_p by the [SEG] token's
     attention for the rest.
 
-    Unset (L_c, N_c, L_s, N_p) take the `preset`'s (Table 6), else Table 1's (8, 64, 6, 16), both given for
-    LLaVA-1.5-7B (32 layers, 256 tokens) and scaled to the model: layers by L / 32, tokens by N / 256. N_c or N_p at or above N keep every token in that stage.
+    Unset (L_c, N_c, L_s, N_p) take the `preset`'s (Table 6), else Table 1's (8, 64, 6, 16). Table 6 has blocks for
+    LLaVA-1.5-7B at 224 and 336 px and 13B at 224 px; a model with one of those layouts (32 or 40 layers, 256 or 576
+    tokens) gets that block as printed, any other model the 7B 224-px values scaled: layers by L / 32, tokens by
+    N / 256. N_c or N_p at or above N keep every token in that stage.
+
     Pruning ranks the image tokens by the head-mean attention of the [SEG] row (eq. 8) in the last scattering layer
     (L_c + L_s - 1), recomputed from that layer's input; `prune_row=seg_source` ranks with the token before [SEG]
-    (LISA's mask source) instead. Seg-First runs the instance segmenter inside its own latency stage
-    ("instances"); its FLOPs (the network, counted once per input size with torch's FLOP counter, plus the mask
-    prototypes' matmul per detection) are method overhead. An image with no instance falls back to `uniform`.
+    (LISA's mask source) instead. Seg-First's realised token count depends on the image: below N_c when the floors
+    of eq. 4 leave budget over (it is not redistributed, and background is never chosen), above it when more
+    instances than N_c each take their one token; an image with no instance falls back to `uniform`. Its instance
+    segmenter runs in a latency stage of its own ("instances"); its FLOPs (the network at its letterboxed input,
+    plus the mask prototypes' matmul per detection) are method overhead.
 
-    Budget mapping: starts from the Table 6 preset nearest the target reduction, scaled to the model, keeps its
-    L_c, L_s and N_p and solves N_c from eq. 9 (rounded); if N_c falls outside 1..N, the neighbouring presets are
-    tried.
+    Budget mapping: starts from the Table 6 preset nearest the target reduction (the model's own block, else scaled),
+    keeps its L_c, L_s and N_p and solves N_c from eq. 9 (rounded); when N_c would exceed N it keeps N_c = N and
+    solves N_p; if neither fits, the neighbouring presets are tried. Seg-First's realised N_avg differs from the
+    target by its count rule above (the budget is met by the nominal N_c).
 
     Args:
-        lc: L_c, decoder layers of the clustering stage.
-        nc: N_c, representative image tokens in the clustering stage.
-        ls: L_s, decoder layers of the scattering stage (all N image tokens).
-        np: N_p, image tokens kept for the pruning stage (the remaining L - L_c - L_s layers).
+        l_c: L_c, decoder layers of the clustering stage.
+        n_c: N_c, representative image tokens in the clustering stage.
+        l_s: L_s, decoder layers of the scattering stage (all N image tokens).
+        n_p: N_p, image tokens kept for the pruning stage (the remaining L - L_c - L_s layers).
         preset: a Table 6 pruning ratio (65, 70, 75, 80, 85 or 90) whose (L_c, N_c, L_s, N_p) fill the unset ones.
         cluster: clustering module: random, uniform (eq. 2), cls (eq. 3) or seg_first (eq. 4-5).
         instances: Seg-First's instance source: yolo (the bundled shapes-ref YOLO-seg, or `yolo_weights`) or oracle
@@ -154,133 +175,135 @@ class LVLMCSP(Method):
     position_policy = "original"
     needs_llm_attention = True
     needs_vision_attention = True
-    citation = "LVLM_CSP: clustering, scattering and pruning for reasoning segmentation (no public code)"
-    keep_all = {"nc": 1 << 20, "np": 1 << 20, "cluster": "uniform"}
-    deviations = ("no official code: implemented from the paper's equations; eq. 2's `k` read as `i`; the paper does "
-                  "not say how CLS attention combines heads (here: mean of per-head softmax), how instance masks map "
-                  "to patches (here: at least half covered), or YOLO's thresholds (here: ultralytics' defaults)")
-    budget_params = ("lc", "nc", "ls", "np", "preset")
+    citation = ("Chen et al., LVLM_CSP: Accelerating Large Vision Language Models via Clustering, Scattering, and "
+                "Pruning for Reasoning Segmentation, 2025 (no public code)")
+    keep_all = {"n_c": 1 << 20, "n_p": 1 << 20, "cluster": "uniform"}
+    deviations = ("no official code: implemented from the paper's equations. Read as: eq. 2's `k` as `i`; CLS "
+                  "attention (eq. 3) from CLIP's last layer, one layer after LLaVA's features, as the mean of per-head "
+                  "softmaxes over all keys; pruning attention (eq. 8) as the head mean; an instance owns the patches "
+                  "it covers at least half (its most covered one if none); YOLO at ultralytics' default thresholds; "
+                  "no instance found -> uniform clustering")
+    budget_params = ("l_c", "n_c", "l_s", "n_p", "preset")
 
-    def __init__(self, lc: int | None = None, nc: int | None = None, ls: int | None = None, np: int | None = None,
-                 preset: Literal[65, 70, 75, 80, 85, 90] | None = None,
+    def __init__(self, l_c: int | None = None, n_c: int | None = None, l_s: int | None = None,
+                 n_p: int | None = None, preset: Literal[65, 70, 75, 80, 85, 90] | None = None,
                  cluster: Literal["random", "uniform", "cls", "seg_first"] = "seg_first",
                  instances: Literal["yolo", "oracle"] = "yolo", yolo_weights: str | None = None, conf: float = 0.25,
                  prune_row: Literal["seg", "seg_source"] = "seg", seed: int = 0):
-        for name, v in (("lc", lc), ("nc", nc), ("ls", ls), ("np", np)):
+        for name, v in (("l_c", l_c), ("n_c", n_c), ("l_s", l_s), ("n_p", n_p)):
             if v is not None and v < 1:
                 raise ValueError(f"csp: {name} must be >= 1, got {v}")
         if not 0.0 < conf < 1.0:
             raise ValueError(f"csp: conf is a detection confidence in (0, 1), got {conf}")
-        self.lc, self.nc, self.ls, self.np, self.preset = lc, nc, ls, np, preset
+        self.l_c, self.n_c, self.l_s, self.n_p, self.preset = l_c, n_c, l_s, n_p, preset
         self.cluster, self.instances, self.yolo_weights, self.conf = cluster, instances, yolo_weights, conf
         self.prune_row, self.seed = prune_row, seed
         self._yolo = None
 
     def config(self, info: ModelInfo) -> tuple[int, int, int, int]:
-        """(L_c, N_c, L_s, N_p) on this model: given values, the preset's (else Table 1's) scaled for the rest,
+        """(L_c, N_c, L_s, N_p) on this model: given values, the preset's (else Table 1's, scaled) for the rest,
         counts capped at N."""
-        default = scale_config(PRESETS[self.preset] if self.preset is not None else TABLE1, info)
-        lc, nc, ls, n_p = (d if v is None else v for v, d in zip((self.lc, self.nc, self.ls, self.np), default,
-                                                                   strict=True))
-        return lc, min(nc, info.n_image_tokens), ls, min(n_p, info.n_image_tokens)
+        default = preset(self.preset, info) if self.preset is not None else scale_config(TABLE1, info)
+        given = (self.l_c, self.n_c, self.l_s, self.n_p)
+        l_c, n_c, l_s, n_p = (d if v is None else v for v, d in zip(given, default, strict=True))
+        return l_c, min(n_c, info.n_image_tokens), l_s, min(n_p, info.n_image_tokens)
 
     def bind(self, info: ModelInfo) -> None:
-        lc, _, ls, _ = self.config(info)
-        if lc + ls > info.n_layers:
-            raise ValueError(f"csp: lc + ls = {lc + ls} exceeds the model's {info.n_layers} layers")
+        l_c, _, l_s, _ = self.config(info)
+        if l_c + l_s > info.n_layers:
+            raise ValueError(f"csp: l_c + l_s = {l_c + l_s} exceeds the model's {info.n_layers} layers")
 
     # -- clustering --------------------------------------------------------------------------------------------
     def on_vision(self, feats: VisionFeatures, ctx: Context) -> VisionFeatures:
         n = feats.patches.shape[1]
-        _, nc, _, _ = self.config(ctx.info)
-        if nc >= n:
+        n_c = self.config(ctx.info)[1]
+        if n_c >= n:
             chosen = torch.arange(n)
         elif self.cluster == "random":
-            chosen = torch.randperm(n, generator=ctx.rng)[:nc]
+            chosen = torch.randperm(n, generator=ctx.rng)[:n_c]
         elif self.cluster == "uniform":
-            chosen = uniform_indices(n, nc)
+            chosen = uniform_indices(n, n_c)
         elif self.cluster == "cls":
-            chosen = cls_scores(feats, ctx).topk(nc).indices.cpu()
+            chosen = cls_scores(feats, ctx).topk(n_c).indices.cpu()
         else:
             masks = self.instance_masks(ctx)
-            chosen = seg_first_indices(patch_coverage(masks, ctx, feats.grid), nc, ctx.rng) if len(masks) else \
+            chosen = seg_first_indices(patch_coverage(masks, ctx, feats.grid), n_c, ctx.rng) if len(masks) else \
                 torch.zeros(0, dtype=torch.long)
             if chosen.numel() == 0:  # nothing detected: eq. 4 is undefined; fall back to eq. 2
-                chosen = uniform_indices(n, nc)
+                chosen = uniform_indices(n, n_c)
         ctx.scratch["csp_selected"] = chosen.sort().values
         return feats
 
     def instance_masks(self, ctx: Context) -> np.ndarray:
-        """(K, H, W) instance masks of the image: the dataset's (oracle) or the YOLO-seg's at the image's size."""
+        """(K, H, W) instance masks of the image: the dataset's (oracle) or the YOLO-seg's at the image's size, made
+        in the "instances" latency stage; YOLO's FLOPs go to the ledger as method work."""
         if self.instances == "oracle":
             if ctx.instances is None:
                 raise ValueError("csp: instances=oracle needs a dataset with instance annotations (refer-format, "
                                  "e.g. shapes-ref or RefCOCO); use instances=yolo")
-            masks = ctx.instances() if callable(ctx.instances) else ctx.instances
-            return np.asarray(masks, dtype=bool)
+            with ctx.watch("instances"):
+                return np.asarray(ctx.instances() if callable(ctx.instances) else ctx.instances, dtype=bool)
         if ctx.image is None:
             raise ValueError("csp: seg_first with YOLO needs the image; pass it to segment()")
         from harness.model import load_image
-        from harness.yolo import run_yolo
+        from harness.yolo import load_yolo, run_yolo, yolo_flops
 
-        image = load_image(ctx.image)
-        with ctx.watch("instances"):
-            masks, flops = run_yolo(self.yolo(), image, conf=self.conf)
-        ctx.ledger.method_flops += flops
-        return masks
-
-    def yolo(self):
         if self._yolo is None:
-            from harness.yolo import load_yolo
-
-            self._yolo = load_yolo(self.yolo_weights)
-        return self._yolo
+            self._yolo = load_yolo(self.yolo_weights, device=str(ctx.model.device))
+        with ctx.watch("instances"):
+            det = run_yolo(self._yolo, load_image(ctx.image), conf=self.conf, device=str(ctx.model.device))
+        ctx.ledger.method_flops += yolo_flops(self._yolo, det)
+        return det.masks
 
     # -- scattering and pruning --------------------------------------------------------------------------------
     def on_sequence(self, state: TokenState, ctx: Context) -> TokenState:
+        if "csp_selected" not in ctx.scratch:
+            raise ValueError("csp: on_sequence without on_vision's selection; run both with the same Context")
         img = state.image_rows
-        selected = ctx.scratch.pop("csp_selected").to(img.device)
+        selected = ctx.scratch["csp_selected"].to(img.device)
         held = torch.ones(len(img), dtype=torch.bool, device=img.device)
         held[selected] = False  # rows of the image block are in patch order
         return state.hold(HELD, img[held]) if bool(held.any()) else state
 
     def before_layer(self, i: int, state: TokenState, ctx: Context) -> TokenState:
-        lc, _, ls, n_p = self.config(ctx.info)
-        if i == lc and HELD in state.held:
+        l_c, _, l_s, n_p = self.config(ctx.info)
+        if i == l_c and HELD in state.held:
             state = state.release(HELD)
-        last_scatter = lc + ls - 1
-        if i == last_scatter and last_scatter + 1 < ctx.info.n_layers:
-            ctx.scratch["csp_input"] = state
-        if i != lc + ls or i >= ctx.info.n_layers:
+        prune_at = l_c + l_s
+        if prune_at >= ctx.info.n_layers or n_p >= state.n_image:
+            return state
+        if i == prune_at - 1:
+            ctx.scratch["csp_input"] = state  # the last scattering layer's input: its attention ranks the tokens
+        if i != prune_at:
             return state
         img = state.image_rows
-        if n_p >= len(img):
-            return state
         prev = ctx.scratch.pop("csp_input")
         seg = prev.row_of(Kind.SEG)
         row = prev.last_prompt_row if self.prune_row == "seg_source" or seg.numel() == 0 else int(seg[0])
-        probs = ctx.attention_rows(last_scatter, prev, torch.tensor([row], device=img.device))[0]
+        probs = ctx.attention_rows(prune_at - 1, prev, torch.tensor([row], device=img.device))[0]
         return state.keep_image(img[probs[prev.image_rows].topk(n_p).indices])
 
     # -- budgets -----------------------------------------------------------------------------------------------
     def image_schedule(self, info: ModelInfo) -> list[int] | None:
-        if self.cluster == "seg_first" and self.config(info)[1] < info.n_image_tokens:
-            return None  # Seg-First's count depends on the image
-        lc, nc, ls, n_p = self.config(info)
+        l_c, n_c, l_s, n_p = self.config(info)
         n = info.n_image_tokens
-        return [nc] * lc + [n] * ls + [min(n_p, n)] * (info.n_layers - lc - ls)
+        if self.cluster == "seg_first" and n_c < n:
+            return None  # Seg-First's count depends on the image
+        return [n_c] * l_c + [n] * l_s + [n_p] * (info.n_layers - l_c - l_s)
 
     @classmethod
     def for_budget(cls, info: ModelInfo, n_avg_target: float, **fixed) -> LVLMCSP:
         n, layers = info.n_image_tokens, info.n_layers
         reduction = 100 * (1 - n_avg_target / n)
-        order = sorted(PRESETS, key=lambda r: abs(r - reduction))
-        for ratio in order:
-            lc, _, ls, n_p = scale_config(PRESETS[ratio], info)
-            nc = round((n_avg_target * layers - n * ls - n_p * (layers - lc - ls)) / lc)
-            if 1 <= nc <= n:
-                return cls(**{**fixed, "lc": lc, "nc": nc, "ls": ls, "np": n_p})
+        for ratio in sorted(PRESETS, key=lambda r: abs(r - reduction)):
+            l_c, _, l_s, n_p = preset(ratio, info)
+            l_p = layers - l_c - l_s
+            n_c = round((n_avg_target * layers - n * l_s - n_p * l_p) / l_c)
+            if n_c > n and l_p > 0:  # a mild budget: every token in clustering, solve the pruning count
+                n_c, n_p = n, round((n_avg_target * layers - n * (l_c + l_s)) / l_p)
+            if 1 <= n_c <= n and 1 <= n_p <= n:
+                return cls(**{**fixed, "l_c": l_c, "n_c": n_c, "l_s": l_s, "n_p": n_p})
         lowest = (n + layers - 1) / layers  # one scattering layer, one token everywhere else
         raise ValueError(f"csp: N_avg {n_avg_target:.1f} is out of reach of the Table 6 presets on {layers} layers "
-                         f"(a scattering layer alone costs N / L; the lowest N_avg is {lowest:.1f}, "
-                         f"{1 - lowest / n:.0%} reduction); ask for less or give lc, nc, ls and np")
+                         f"(reachable: {lowest:.1f} to {n}, a scattering layer alone costing N / L); ask for a budget "
+                         f"in that range or give l_c, n_c, l_s and n_p")
