@@ -114,16 +114,48 @@ def grid(config, out, data_root, device, fmt) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["markdown", "text", "latex", "csv"]), default="markdown",
+              show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="write to a file")
+@click.option("--per-cell", is_flag=True, help="one line per cell (method x split) instead of the paper layout")
 @friendly
-def table(run_dir, fmt) -> None:
-    """Table of a run folder (finished cells; missing or incomplete cells are marked)."""
-    from harness.report import format_table
+def table(run_dir, fmt, out, per_cell) -> None:
+    """Paper-style table of a run: methods grouped by stage, gIoU/cIoU per split, the drop vs the unpruned model with
+    a paired bootstrap 95% interval, N_avg, TFLOPs, LLM latency. Missing or incomplete cells are marked."""
+    from harness.report import format_table, paper_frame, render_paper_table
     from harness.runner import load_run
 
     if not run_dir.exists():
-        raise ValueError(f"run folder {run_dir} does not exist")
-    click.echo(format_table(load_run(run_dir), fmt))
+        raise ValueError(f"run folder {run_dir} does not exist; make one with `segprune run --out {run_dir}`")
+    if per_cell:
+        if fmt not in ("text", "markdown"):
+            raise ValueError("--per-cell prints text or markdown; drop --per-cell for latex or csv")
+        text = format_table(load_run(run_dir), fmt)
+    else:
+        text = render_paper_table(*paper_frame(run_dir), fmt)
+    if out is None:
+        click.echo(text)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        click.echo(f"table written to {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", default=None, help="output path without extension (default: RUN/plots/tradeoff)")
+@click.option("--metric", default="mean gIoU", show_default=True,
+              help="accuracy column: 'mean gIoU' or '<dataset>:<split> gIoU' / 'cIoU'")
+@friendly
+def plot(run_dir, out, metric) -> None:
+    """Accuracy vs TFLOPs, LLM latency and N_avg: one line per method across budgets, the unpruned model marked,
+    the Pareto front highlighted (PNG and PDF)."""
+    from harness.report import plot_run
+
+    if not run_dir.exists():
+        raise ValueError(f"run folder {run_dir} does not exist; make one with `segprune run --out {run_dir}`")
+    for path in plot_run(run_dir, out, metric):
+        click.echo(f"wrote {path}")
 
 
 @main.command()

@@ -356,6 +356,12 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def cell_records(run_dir: str | Path, cell_id: str, n: int | None = None) -> list[dict[str, Any]]:
+    """The first `n` (all if None) finished records of a cell of a run folder, in dataset order."""
+    records = read_records(Path(run_dir) / "cells" / f"{cell_id}.jsonl")
+    return records if n is None else records[:n]
+
+
 def default_methods() -> list[str]:
     """The default grid: every registered built-in method at its default parameters."""
     from harness.method import METHODS

@@ -81,7 +81,7 @@ def test_cli_run_table_methods_flops(tmp_path):
     assert out.exit_code == 0, out.output
     assert "gIoU" in out.output and f"run folder: {tmp_path / 'r'}" in out.output
     md = cli.invoke(main, ["table", str(tmp_path / "r"), "--format", "markdown"])
-    assert md.exit_code == 0 and md.output.startswith("| method")
+    assert md.exit_code == 0 and md.output.startswith("| group")
     listing = cli.invoke(main, ["methods", "--json"])
     names = {m["name"] for m in json.loads(listing.output)}
     assert {"none", "random", "downsample"} <= names

@@ -1,0 +1,109 @@
+"""Paper-style tables and trade-off plots of a run folder (harness.report)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from harness.cli import main
+from harness.report import method_label, paired_drop, paper_frame, pareto_front, plot_run, render_paper_table
+from harness.runner import expand_grid, run_grid
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cells = expand_grid(["random:tiny"], ["none", "random@50%", "random@75%", "downsample"],
+                        ["toy:val", "toy:test"], limit=3)
+    run_grid(cells, out)
+    return out
+
+
+def test_frame_has_one_row_per_method_with_splits_and_the_paired_drop(run):
+    frame, notes = paper_frame(run)
+    assert frame["method"].iloc[0] == "none" and set(frame["method"]) == {"none", "downsample", "random@50%",
+                                                                           "random@75%"}
+    assert list(frame["group"]) == ["baseline", "controls", "controls", "controls"]
+    assert frame["N_avg"].iloc[1:].is_monotonic_decreasing  # within a group: by cost
+    assert {"toy:val gIoU", "toy:test cIoU", "mean gIoU", "N_avg", "TFLOPs", "LLM ms"} <= set(frame.columns)
+    assert not notes
+    base = frame.iloc[0]
+    assert np.isnan(base["dgIoU"])
+    for _, r in frame.iloc[1:].iterrows():
+        assert r["dgIoU"] == pytest.approx(r["mean gIoU"] - base["mean gIoU"])  # same samples in every cell
+        assert r["dgIoU lo"] <= r["dgIoU"] <= r["dgIoU hi"]
+
+
+def test_paired_drop_interval():
+    rng = np.random.default_rng(1)
+    b = rng.uniform(0.3, 0.9, 400)
+    point, lo, hi = paired_drop([(b - 0.1, b)])
+    assert point == pytest.approx(-0.1) and lo == pytest.approx(-0.1) and hi == pytest.approx(-0.1)  # constant shift
+    noisy = b - 0.05 + rng.normal(0, 0.1, 400)
+    point, lo, hi = paired_drop([(noisy, b), (b, b)])  # a second split with no change halves the mean drop
+    assert lo < point < hi and lo < -0.025 + 0.02 and hi > -0.025 - 0.02 and hi < 0
+
+
+def test_pareto_front():
+    x = np.array([1.0, 2.0, 2.0, 3.0, 4.0])
+    y = np.array([0.5, 0.4, 0.7, 0.6, 0.8])
+    assert pareto_front(x, y).tolist() == [0, 2, 4]
+
+
+def test_method_label_keeps_non_defaults_and_budget():
+    assert method_label("fastv:k=2,ratio=0.5,keep=null,score=last,seed=0") == "fastv"
+    assert method_label("fastv:k=3,ratio=0.5,keep=null,score=seg,seed=0") == "fastv:k=3,score=seg"
+    assert method_label("pdrop@75%") == "pdrop@75%"
+
+
+def test_formats(run):
+    frame, notes = paper_frame(run)
+    md = render_paper_table(frame, notes, "markdown")
+    assert "| baseline" in md and "**" in md and "ΔgIoU [95% CI]" in md and "val gIoU" not in md.split("\n")[1]
+    latex = render_paper_table(frame, notes, "latex")
+    assert "\\toprule" in latex and "\\bottomrule" in latex and "\\textbf{" in latex
+    assert latex.count("\\midrule") == 2  # after the header, and between the baseline and the controls
+    csv = pd.read_csv(io.StringIO(render_paper_table(frame, notes, "csv")))
+    assert len(csv) == 4 and "dgIoU hi" in csv.columns
+
+
+def test_missing_and_partial_cells_are_marked(run, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run, partial)
+    cfg = json.loads((partial / "config.json").read_text())
+    cells = {c["id"]: c for c in cfg["cells"]}
+    lost = next(cid for cid, c in cells.items() if c["method"].startswith("downsample") and c["split"] == "test")
+    (partial / "cells" / f"{lost}.jsonl").unlink()
+    cut = next(cid for cid, c in cells.items() if c["method"].startswith("random@75") and c["split"] == "val")
+    lines = (partial / "cells" / f"{cut}.jsonl").read_text().splitlines()
+    (partial / "cells" / f"{cut}.jsonl").write_text(lines[0] + "\n")
+    frame, notes = paper_frame(partial)
+    assert any("downsample on toy:test: missing" in n for n in notes)
+    assert any("random@75% on toy:val: partial (1 samples)" in n for n in notes)
+    text = render_paper_table(frame, notes, "text")
+    assert "missing" in text and "partial" in text
+
+
+def test_plot_writes_png_and_pdf(run, tmp_path):
+    paths = plot_run(run, str(tmp_path / "fig"))
+    assert sorted(p.rsplit(".", 1)[1] for p in paths) == ["pdf", "png"]
+    from PIL import Image
+
+    with Image.open(next(p for p in paths if p.endswith(".png"))) as png:
+        assert png.size[0] >= 1200  # 7 inches at 200 dpi: a full paper width
+
+
+def test_cli_table_and_plot(run, tmp_path):
+    r = CliRunner().invoke(main, ["table", str(run), "--format", "latex", "--out", str(tmp_path / "t.tex")])
+    assert r.exit_code == 0 and (tmp_path / "t.tex").read_text().startswith("\\begin{tabular}")
+    r = CliRunner().invoke(main, ["plot", str(run), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0 and (tmp_path / "p.png").is_file()
+    r = CliRunner().invoke(main, ["table", str(tmp_path / "nope")])
+    assert r.exit_code != 0 and "does not exist" in r.output
