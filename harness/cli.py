@@ -159,6 +159,24 @@ def plot(run_dir, out, metric) -> None:
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--method", "methods", multiple=True, help="a method of the run (its table label or spec); repeatable")
+@click.option("--sample", "samples", multiple=True, help="a sample id; repeatable (default: the first --limit)")
+@click.option("--limit", type=int, default=4, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for the PNGs (default: RUN/viz)")
+@friendly
+def viz(run_dir, methods, samples, limit, out) -> None:
+    """Per sample: the ground truth, each method's mask and the image tokens it kept at each stage (one PNG)."""
+    from harness.viz import visualize
+
+    if not run_dir.exists():
+        raise ValueError(f"run folder {run_dir} does not exist; make one with `segprune run --out {run_dir}`")
+    for path in visualize(run_dir, methods=list(methods), samples=list(samples), limit=limit, out=out):
+        click.echo(f"wrote {path}")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
 def methods(as_json) -> None:

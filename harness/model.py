@@ -138,6 +138,22 @@ class SegModel(nn.Module):
                          intermediate_size=c.intermediate_size, vision_layers=self.vision_layers_run,
                          vision_hidden_size=v.hidden_size)
 
+    def _clip_geometry(self, height: int, width: int) -> tuple[tuple[int, int], int, int]:
+        """The CLIP processor's resize (shortest side to the crop size, the long side truncated as HF does) and the
+        centre crop's (top, left) offset, for an image of this size."""
+        short, crop = self.clip_processor.size["shortest_edge"], self.clip_processor.crop_size["height"]
+        size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+        return size, (size[0] - crop) // 2, (size[1] - crop) // 2
+
+    def patch_coverage(self, masks: np.ndarray) -> Tensor:
+        """(K, N) fraction of each CLIP patch covered by each of K (H, W) masks, through the CLIP processor's
+        geometry (LVLM_CSP reshapes its instance masks this way)."""
+        m = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
+        size, top, left = self._clip_geometry(*m.shape[-2:])
+        crop = self.clip_processor.crop_size["height"]
+        m = F.interpolate(m, size=size, mode="area")[..., top:top + crop, left:left + crop]
+        return F.adaptive_avg_pool2d(m, self.info.grid).flatten(1)
+
     @property
     def vision_layers_run(self) -> int:
         """CLIP encoder layers needed for the selected feature layer (later layers are never computed)."""

@@ -6,6 +6,8 @@ A run folder:
     cells/<cell_id>.jsonl  one record per finished sample (complete lines only; a torn last line is dropped)
     cells/<cell_id>.json   the cell's resolved content
     summary.csv / .json    one row per cell, aggregated from the records
+    analysis.json / .csv   mask agreement with the unpruned model, ground-truth token recall per layer and its
+                           correlation with the IoU drop (`harness.analysis`)
 
 A cell's id is a hash of its resolved content and the harness version, so rerunning the same command finds the
 same files and continues where it stopped; changing anything that affects results makes a new cell.
@@ -115,6 +117,14 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
 
 
+def gt_token_recall(model: Any, gt: np.ndarray, kept: list[list[int]]) -> list[float]:
+    """Per LLM layer, the fraction of the ground truth's image tokens still present: the patches the target covers at
+    least half (its most covered patch if none) through the CLIP geometry."""
+    cov = model.patch_coverage((gt == 1)[None])[0]
+    target = set((cov >= 0.5).nonzero().squeeze(1).tolist()) or {int(cov.argmax())}
+    return [round(len(target.intersection(layer)) / len(target), 4) for layer in kept]
+
+
 def _segments(per_layer: list[list[int]]) -> list[list[Any]]:
     """Kept patches per layer as [first_layer, patches] segments (a new segment only when the set changes)."""
     out: list[list[Any]] = []
@@ -195,6 +205,7 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
             raise ValueError(f"{cell.method} now resolves to {method.spec()}, but {path} was made with {before}; "
                              f"use a new run folder or delete that file to rerun the cell")
     meta = {**asdict(cell), "id": cell.id, "resolved_method": method.spec(), "expected": len(samples),
+            "grid": list(model.info.grid),
             "environment": environment(model)}
     meta_path.write_text(json.dumps(meta, indent=2))
     done = {r["sample_id"] for r in records}
@@ -209,7 +220,8 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
             prep, emb, sam_seconds = cache.get((cell.dataset, cell.split, s.image_id), s.image)
             r = model.segment(s.image, s.query, method, is_sentence=s.is_sentence, sample_key=s.id, prepared=prep,
                               image_embeddings=emb, stopwatch=watch, decode=cell.decode, instances=s.instances)
-            inter, union = intersection_union(r.mask, s.gt_mask())
+            gt = s.gt_mask()
+            inter, union = intersection_union(r.mask, gt)
             latency = dict(r.latency)
             latency.pop("sam_encoder", None)  # measured in the cache when it ran; absent when it was reused
             if sam_seconds is not None:
@@ -219,6 +231,7 @@ def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache
                 "iou": sample_iou(inter, union), "n_avg": r.trace.n_avg,
                 "image_tokens_per_layer": r.trace.image_tokens_per_layer,
                 "tokens_per_layer": r.trace.tokens_per_layer, "kept_patches": _segments(r.trace.kept_patches),
+                "gt_recall": gt_token_recall(model, gt, r.trace.kept_patches),
                 "flops": r.flops, "llm_flops": {c: llm_total_flops(arch, r.ledger, c) for c in ("csp", "routing")},
                 "latency_s": latency, "peak_mem_bytes": peak_memory_bytes(model.device), "mask_rle": _rle(r.mask),
             }
@@ -328,6 +341,9 @@ def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = Non
         if rows:
             pd.DataFrame(rows).to_csv(out_dir / "summary.csv", index=False)
             (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+    from harness.analysis import analyze_run
+
+    analyze_run(out_dir)
     return rows
 
 

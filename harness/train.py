@@ -54,7 +54,7 @@ RELATION_WORDS = {"left", "right", "above", "below", "leftmost", "rightmost", "t
 class TrainConfig:
     seed: int = 0
     vision_steps: int = 900
-    llm_steps: int = 1200
+    llm_steps: int = 1800
     batch: int = 16
     vision_lr: float = 2e-3
     llm_lr: float = 8e-4
@@ -75,6 +75,10 @@ TINY_SHAPES = {
     # a wider CLIP tower than random:tiny: it has to tell six shapes apart at 1-3 patches per object
     "vision": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                    image_size=224, patch_size=14),
+    # rope_theta 1e6 (as Llama 3 / Code Llama use large bases): at head_dim 64 the default 10000 rotates all but a
+    # few frequency pairs by more than a radian across the 256 image tokens, and content matching between the
+    # query and the target's patches learns slowly (measured, issue 3 note: pointer mass 0.52 vs 0.33 at step 200)
+    "llm": {**TINY["llm"], "rope_theta": 1e6},
     "sam": {**TINY["sam"], "vision": {**TINY["sam"]["vision"], "hidden_size": 96, "num_hidden_layers": 3,
                                       "num_attention_heads": 4, "mlp_dim": 384, "global_attn_indexes": [2]}},
 }
@@ -141,15 +145,22 @@ def patch_targets(objects: list[dict], grid: int = 16, size: int = 256) -> dict[
     reg = np.zeros((grid, grid, 5), np.float32)
     yy, xx = np.mgrid[:grid, :grid]
     reg[..., 3], reg[..., 4] = (xx + 0.5) / grid, (yy + 0.5) / grid
+    point = np.stack([(xx + 0.5) * size / grid, (yy + 0.5) * size / grid], -1).astype(np.float32)  # background: own
     for i, o in enumerate(objects):
         sel = has & (owner == i)
         for k in t:
             t[k][sel] = o[k]
         ys, xs = np.nonzero(o["mask"])
         reg[sel, 0], reg[sel, 1], reg[sel, 2] = xs.mean() / size, ys.mean() / size, math.sqrt(len(xs)) / size * 4
+        point[sel] = o["point"]
     out = {k: torch.from_numpy(v.reshape(-1)) for k, v in t.items()}
     out["reg"] = torch.from_numpy(reg.reshape(-1, 5))
     out["obj"] = torch.from_numpy(has.reshape(-1))
+    out["point"] = torch.from_numpy(point.reshape(-1, 2))
+    present = np.zeros((2, 7), np.float32)  # image level: which colours and shapes occur
+    for o in objects:
+        present[0, o["colour"]] = present[1, o["shape"]] = 1
+    out["present"] = torch.from_numpy(present)
     return out
 
 
@@ -167,10 +178,20 @@ def lr_at(step: int, total: int, warmup: int) -> float:
 
 # -- stage 1: vision ---------------------------------------------------------------------------------------------
 class PatchHeads(nn.Module):
-    def __init__(self, d: int):
+    def __init__(self, d: int, pe_dim: int):
         super().__init__()
         self.colour, self.shape, self.size = nn.Linear(d, 7), nn.Linear(d, 7), nn.Linear(d, 4)
         self.reg = nn.Linear(d, 5)
+        self.pe = nn.Linear(d, pe_dim)  # SAM's Fourier code of the owning object's interior point
+        self.present = nn.Linear(d, 14)  # on the last layer's CLS: colours and shapes present
+
+
+def sam_point_code(model: SegModel, points: Tensor) -> Tensor:
+    """SAM's Fourier positional code of pixel points (..., 2) in the 256-px SAM frame, as `_embed_points` computes
+    it before adding the label embedding."""
+    size = model.sam.prompt_encoder.input_image_size
+    flat = (points.reshape(1, -1, 1, 2) + 0.5) / size
+    return model.sam.shared_image_embedding(flat).reshape(*points.shape[:-1], -1)
 
 
 def clip_patch_features(model: SegModel, clip_pixels: Tensor) -> Tensor:
@@ -181,7 +202,7 @@ def clip_patch_features(model: SegModel, clip_pixels: Tensor) -> Tensor:
 
 def train_vision(model: SegModel, data: ShapesTrainData, cfg: TrainConfig, log) -> None:
     g = torch.Generator().manual_seed(cfg.seed)
-    heads = PatchHeads(model.vision_tower.config.hidden_size)
+    heads = PatchHeads(model.vision_tower.config.hidden_size, model.sam.config.prompt_encoder_config.hidden_size)
     params = [*model.vision_tower.parameters(), *model.sam.parameters(), *heads.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -208,7 +229,9 @@ def train_vision(model: SegModel, data: ShapesTrainData, cfg: TrainConfig, log) 
         points_t = torch.tensor(points, dtype=torch.float32, device=dev).view(-1, 1, 1, 2)
         gt = torch.stack(gts).to(dev)
         with torch.autocast(dev, dtype=torch.bfloat16):
-            feats = clip_patch_features(model, clip_px)
+            vis = model.vision_tower(clip_px, output_hidden_states=True)
+            feats = vis.hidden_states[model.config.vision_feature_layer][:, 1:]
+            cls = vis.pooler_output  # the last layer, which PruMerge's and VisionZip's CLS attention reads
             emb = model.sam.vision_encoder(sam_px).last_hidden_state  # not get_image_embeddings: it is no_grad
             l_sam, best_iou = point_prompt_loss(model, emb, points_t, gt)
         feats = feats.float()
@@ -219,14 +242,19 @@ def train_vision(model: SegModel, data: ShapesTrainData, cfg: TrainConfig, log) 
         reg = heads.reg(feats)
         err = (reg - tt["reg"]).pow(2)
         l_reg = ((err[..., :3].sum(-1) * obj).sum() / obj.sum().clamp(min=1) + err[..., 3:].sum(-1).mean()) * 10
-        loss = l_patch + l_reg + l_sam
+        with torch.no_grad():
+            code = sam_point_code(model, tt["point"]).float()
+        l_pe = F.mse_loss(heads.pe(feats), code) / code.var().clamp(min=1e-6)
+        l_cls = F.binary_cross_entropy_with_logits(heads.present(cls.float()), tt["present"].flatten(1))
+        loss = l_patch + l_reg + l_pe + l_cls + l_sam
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 50 == 0 or step == cfg.vision_steps - 1:
             log(f"vision {step:5d}/{cfg.vision_steps} loss {loss.item():.3f} patch {l_patch.item():.3f} "
-                f"reg {l_reg.item():.3f} sam {l_sam.item():.3f} point-IoU(best of 3) {best_iou:.3f} "
+                f"reg {l_reg.item():.3f} pe {l_pe.item():.3f} cls {l_cls.item():.3f} sam {l_sam.item():.3f} "
+                f"point-IoU(best of 3) {best_iou:.3f} "
                 f"({time.time() - t0:.0f}s)")
     model.eval().requires_grad_(False)
 

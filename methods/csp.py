@@ -24,7 +24,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from harness.engine import Context, VisionFeatures
@@ -96,22 +95,6 @@ def cls_scores(feats: VisionFeatures, ctx: Context) -> Tensor:
     ctx.ledger.add_method_matmul(n1, c, c)
     ctx.ledger.add_method_matmul(1, hd, n1, times=heads)
     return probs[:, 0, 1:].mean(0)
-
-
-def patch_coverage(masks: np.ndarray, ctx: Context, grid: tuple[int, int]) -> Tensor:
-    """(K, h*w) fraction of each CLIP patch covered by each (K, H', W') instance mask, after the CLIP processor's
-    geometry (shortest side resized to the crop size, then centre-cropped), as the paper reshapes the masks."""
-    proc = ctx.model.clip_processor
-    crop = proc.crop_size["height"] if getattr(proc, "do_center_crop", True) else None
-    short = proc.size["shortest_edge"]
-    m = torch.from_numpy(np.asarray(masks, dtype=np.float32))[:, None]
-    h, w = m.shape[-2:]
-    size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # HF: the long side truncated
-    m = F.interpolate(m, size=size, mode="area")
-    if crop is not None:
-        top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
-        m = m[..., top:top + crop, left:left + crop]
-    return F.adaptive_avg_pool2d(m, grid).flatten(1)  # (K, h*w)
 
 
 def seg_first_indices(coverage: Tensor, n_c: int, rng: torch.Generator) -> Tensor:
@@ -227,7 +210,7 @@ class LVLMCSP(Method):
             chosen = cls_scores(feats, ctx).topk(n_c).indices.cpu()
         else:
             masks = self.instance_masks(ctx)
-            chosen = seg_first_indices(patch_coverage(masks, ctx, feats.grid), n_c, ctx.rng) if len(masks) else \
+            chosen = seg_first_indices(ctx.model.patch_coverage(masks), n_c, ctx.rng) if len(masks) else \
                 torch.zeros(0, dtype=torch.long)
             if chosen.numel() == 0:  # nothing detected: eq. 4 is undefined; fall back to eq. 2
                 chosen = uniform_indices(n, n_c)

@@ -11,7 +11,7 @@ import torch
 
 from harness.datasets import load_dataset
 from harness.method import ModelInfo, create_method
-from harness.methods.csp import LVLMCSP, PRESETS, n_avg, patch_coverage, seg_first_indices
+from harness.methods.csp import LVLMCSP, PRESETS, n_avg, seg_first_indices
 from harness.model import TINY, build_random, tiny_tokenizer
 from harness.state import Kind
 from tests.conftest import QUERY
@@ -94,16 +94,8 @@ def test_cls_is_eq3_on_the_last_clip_layer(tiny, image):
     assert rec.selected.tolist() == ref.tolist()
 
 
-def coverage_of(model, masks):
-    from harness.engine import Context
-    from harness.ledger import Ledger
-
-    ctx = Context(model=model, info=model.info, ledger=Ledger(), rng=torch.Generator())
-    return patch_coverage(masks, ctx, (16, 16))
-
-
 def test_seg_first_counts_follow_eq4(scene, tiny):
-    cov = coverage_of(tiny, scene.instances())
+    cov = tiny.patch_coverage(scene.instances())
     area = cov.sum(1)
     for nc in (4, 16, 64):  # 4: fewer than the instances, the max(1, .) rule decides for the small ones
         chosen = seg_first_indices(cov, nc, torch.Generator().manual_seed(0))
@@ -121,7 +113,7 @@ def test_seg_first_counts_follow_eq4(scene, tiny):
 def test_seg_first_oracle_gives_every_instance_a_token(tiny, scene):
     rec = Recorder(l_c=2, n_c=1, l_s=2, n_p=8, cluster="seg_first", instances="oracle")
     r = tiny.segment(scene.image, scene.query, rec, instances=scene.instances)
-    cov = coverage_of(tiny, scene.instances())
+    cov = tiny.patch_coverage(scene.instances())
     assert len(cov) > 1  # N_c = 1 < instances: only the at-least-one rule gives the others a token
     for i in range(len(cov)):
         own = (cov[i] >= 0.5).nonzero().squeeze(1)
@@ -134,7 +126,7 @@ def test_coverage_follows_the_clip_processor(tiny):
     """A non-square mask through patch_coverage vs the same mask as an image through the CLIP processor."""
     mask = np.zeros((150, 260), bool)
     mask[30:120, 100:200] = True
-    cov = coverage_of(tiny, mask[None])[0].view(16, 16)
+    cov = tiny.patch_coverage(mask[None])[0].view(16, 16)
     proc = tiny.clip_processor
     px = proc(np.repeat(mask[..., None] * 255, 3, -1).astype(np.uint8), return_tensors="pt")["pixel_values"][0, 0]
     ref = torch.nn.functional.avg_pool2d((px * proc.image_std[0] + proc.image_mean[0])[None, None], 14)[0, 0]

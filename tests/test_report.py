@@ -107,3 +107,44 @@ def test_cli_table_and_plot(run, tmp_path):
     assert r.exit_code == 0 and (tmp_path / "p.png").is_file()
     r = CliRunner().invoke(main, ["table", str(tmp_path / "nope")])
     assert r.exit_code != 0 and "does not exist" in r.output
+
+
+def test_analysis_is_stored_with_the_run(run):
+    rows = json.loads((run / "analysis.json").read_text())
+    by = {r["method"]: r for r in rows if r["split"] == "val"}
+    assert "agreement" not in by["none"] and by["none"]["gt_recall"] == [1.0] * 8  # nothing dropped
+    r = by["random@75%"]
+    assert 0.0 <= r["agreement"] <= 1.0
+    assert r["gt_recall"][0] == 1.0 and max(r["gt_recall"][2:]) < 1.0  # random drops 75% after layer 1
+    assert (run / "analysis.csv").is_file()
+
+
+def test_gt_recall_counts_the_targets_patches(tiny):
+    from harness.runner import gt_token_recall
+
+    gt = np.zeros((224, 224), np.uint8)
+    gt[:28, :28] = 1  # patches 0, 1, 16, 17 of the 16 x 16 grid
+    assert gt_token_recall(tiny, gt, [list(range(256)), [0, 1, 5], [99]]) == [1.0, 0.5, 0.0]
+
+
+def test_mask_agreement():
+    from harness.analysis import mask_agreement
+    from harness.runner import _rle
+
+    a = np.zeros((10, 10), bool)
+    a[:5] = True
+    b = np.zeros((10, 10), bool)
+    b[:, :5] = True
+    assert mask_agreement(_rle(a), _rle(b)) == pytest.approx(25 / 75)
+    assert mask_agreement(_rle(a & ~a), _rle(b & ~b)) == 1.0
+
+
+def test_viz_draws_one_png_per_sample(run, tmp_path):
+    from harness.viz import patch_boxes, visualize
+
+    paths = visualize(run, methods=["random@75%"], limit=2, out=tmp_path)
+    assert [p.suffix for p in paths] == [".png", ".png"]
+    boxes = patch_boxes(100, 200, (4, 4))  # a centred 100 x 100 square in 25-px patches
+    assert boxes[0].tolist() == [50, 0, 75, 25] and boxes[-1].tolist() == [125, 75, 150, 100]
+    with pytest.raises(ValueError, match="no finished cell of fastv"):
+        visualize(run, methods=["fastv"], out=tmp_path)

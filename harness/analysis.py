@@ -1,0 +1,71 @@
+"""Analyses stored with a run (`analysis.json`, `analysis.csv`): where the tokens went and what it cost.
+
+For every cell with an unpruned counterpart (method `none`, same model, decode mode, dataset and split):
+- `agreement`: mean IoU of the pruned mask with the unpruned mask, sample by sample (how much pruning changed the
+  answer, independent of the ground truth);
+- `gt_recall`: per LLM layer, the mean fraction of the ground-truth region's image tokens still present;
+- `recall_vs_drop`: Spearman correlation, over samples, of the mean recall across layers with the IoU drop
+  (unpruned IoU - pruned IoU); negative when losing the target's tokens costs accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _mask(rle: dict) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
+
+
+def mask_agreement(a: dict, b: dict) -> float:
+    """IoU of two stored masks (RLE); two empty masks agree fully."""
+    ma, mb = _mask(a), _mask(b)
+    union = int((ma | mb).sum())
+    return 1.0 if union == 0 else int((ma & mb).sum()) / union
+
+
+def analyze_run(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Compute the analyses of a run folder and write `analysis.json` and `analysis.csv` into it."""
+    import pandas as pd
+
+    from harness.report import method_label
+    from harness.runner import cell_records, load_run
+
+    run_dir = Path(run_dir)
+    rows = [r for r in load_run(run_dir) if not r.get("missing")]
+    records = {r["cell"]: cell_records(run_dir, r["cell"], r.get("n")) for r in rows}
+    baseline = {(r["model"], r["decode"], r["dataset"], r["split"]): r["cell"] for r in rows if r["spec"] == "none"}
+    out = []
+    for r in rows:
+        base_id = baseline.get((r["model"], r["decode"], r["dataset"], r["split"]))
+        mine = records[r["cell"]]
+        entry: dict[str, Any] = {"cell": r["cell"], "model": r["model"], "decode": r["decode"],
+                                 "method": method_label(r["spec"]), "dataset": r["dataset"], "split": r["split"],
+                                 "n": len(mine)}
+        recalls = [x["gt_recall"] for x in mine if x.get("gt_recall")]
+        if recalls and len({len(x) for x in recalls}) == 1:
+            entry["gt_recall"] = [round(float(v), 4) for v in np.mean(recalls, 0)]
+        if base_id is not None and base_id != r["cell"]:
+            base = {x["sample_id"]: x for x in records[base_id]}
+            pairs = [(x, base[x["sample_id"]]) for x in mine if x["sample_id"] in base]
+            if pairs:
+                entry["agreement"] = float(np.mean([mask_agreement(x["mask_rle"], b["mask_rle"]) for x, b in pairs]))
+                with_recall = [(np.mean(x["gt_recall"]), b["iou"] - x["iou"]) for x, b in pairs if x.get("gt_recall")]
+                if len(with_recall) >= 3:
+                    rec, drop = np.array(with_recall).T
+                    if rec.std() > 0 and drop.std() > 0:
+                        ranks = pd.DataFrame({"recall": rec, "drop": drop}).rank()  # Spearman: Pearson of ranks
+                        entry["recall_vs_drop"] = float(ranks["recall"].corr(ranks["drop"]))
+        out.append(entry)
+    (run_dir / "analysis.json").write_text(json.dumps(out, indent=2))
+    flat = [{**{k: v for k, v in e.items() if k != "gt_recall"},
+             "gt_recall_mean": float(np.mean(e["gt_recall"])) if "gt_recall" in e else float("nan"),
+             "gt_recall_last": e["gt_recall"][-1] if "gt_recall" in e else float("nan")} for e in out]
+    pd.DataFrame(flat).to_csv(run_dir / "analysis.csv", index=False)
+    return out

@@ -1,0 +1,121 @@
+"""`segprune viz`: per sample, the image with the ground truth, each method's mask, and the image tokens it kept at
+each stage drawn on the patch grid (as LVLM_CSP's Figs. 3 and 5 do). One PNG per sample."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def patch_boxes(height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
+    """(N, 4) box (x0, y0, x1, y1) of each patch in the original image's pixels: CLIP's processor resizes the
+    shortest side and centre-crops a square, so the patches tile the centred min(H, W) square (row-major)."""
+    side = min(height, width)
+    top, left = (height - side) / 2, (width - side) / 2
+    gh, gw = grid
+    yy, xx = np.mgrid[:gh, :gw]
+    boxes = np.stack([left + xx * side / gw, top + yy * side / gh, left + (xx + 1) * side / gw,
+                      top + (yy + 1) * side / gh], -1)
+    return boxes.reshape(-1, 4)
+
+
+def stages(segments: list[list[Any]], n_layers: int) -> list[tuple[int, int, list[int]]]:
+    """(first layer, last layer, kept patches) of each stretch of layers with the same image tokens."""
+    out = []
+    for k, (first, patches) in enumerate(segments):
+        last = segments[k + 1][0] - 1 if k + 1 < len(segments) else n_layers - 1
+        out.append((first, last, patches))
+    return out
+
+
+def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples: list[str] | None = None,
+              limit: int = 4, out: str | Path | None = None) -> list[Path]:
+    """Write one PNG per sample: rows are methods (the unpruned model first), columns the ground truth, the
+    predicted mask and each stage's kept tokens. Methods are matched by their table label or spec; samples by id
+    (default: the first `limit` samples every chosen cell has)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    import harness
+    from harness.analysis import _mask
+    from harness.report import method_label
+    from harness.runner import cell_records, load_run
+
+    run_dir = Path(run_dir)
+    rows = [r for r in load_run(run_dir) if not r.get("missing")]
+    if methods:
+        wanted = set(methods)
+        rows = [r for r in rows if r["spec"] in wanted or method_label(r["spec"]) in wanted or r["spec"] == "none"]
+        found = {method_label(r["spec"]) for r in rows} | {r["spec"] for r in rows}
+        unknown = sorted(wanted - found)
+        if unknown:
+            raise ValueError(f"no finished cell of {', '.join(unknown)} in {run_dir}; see `segprune table {run_dir}` "
+                             f"for the methods it has")
+    if not rows:
+        raise ValueError(f"{run_dir} has no finished cell to draw")
+    first = rows[0]
+    rows = [r for r in rows if (r["model"], r["dataset"], r["split"]) == (first["model"], first["dataset"],
+                                                                          first["split"])]
+    rows.sort(key=lambda r: r["spec"] != "none")
+    recs = {r["cell"]: {x["sample_id"]: x for x in cell_records(run_dir, r["cell"], r.get("n"))} for r in rows}
+    common = [sid for sid in recs[rows[0]["cell"]] if all(sid in recs[r["cell"]] for r in rows)]
+    chosen = samples or common[:limit]
+    missing = [s for s in chosen if s not in common]
+    if missing:
+        raise ValueError(f"sample(s) {', '.join(missing)} are not finished in every chosen cell; finished ones "
+                         f"include {', '.join(common[:5])}")
+    meta = json.loads((run_dir / "cells" / f"{first['cell']}.json").read_text())
+    data = {s.id: s for s in harness.load_dataset(first["dataset"], first["split"], root=meta.get("data_root"),
+                                                  limit=meta.get("limit"))}
+    out_dir = Path(out) if out else run_dir / "viz"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for sid in chosen:
+        sample = data[sid]
+        image = np.asarray(harness.model.load_image(sample.image))
+        gt = sample.gt_mask() == 1
+        h, w = gt.shape
+        n_layers = len(next(iter(recs[rows[0]["cell"]].values()))["image_tokens_per_layer"])
+        per_row = [stages(recs[r["cell"]][sid]["kept_patches"], n_layers) for r in rows]
+        n_cols = 2 + max(len(p) for p in per_row)
+        fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.6 * n_cols, 1.7 * len(rows) + 0.3), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i, (r, row_stages) in enumerate(zip(rows, per_row, strict=True)):
+            rec = recs[r["cell"]][sid]
+            grid = tuple(json.loads((run_dir / "cells" / f"{r['cell']}.json").read_text()).get("grid") or
+                         (math.isqrt(max(rec["image_tokens_per_layer"])),) * 2)
+            boxes = patch_boxes(h, w, grid)
+            axes[i, 0].imshow(image)
+            axes[i, 0].imshow(np.ma.masked_where(~gt, gt), cmap="summer", alpha=0.55, vmin=0, vmax=1)
+            axes[i, 0].set_title("ground truth", fontsize=7)
+            axes[i, 0].text(-0.08, 0.5, method_label(r["spec"]), transform=axes[i, 0].transAxes, rotation=90,
+                            va="center", ha="right", fontsize=7)
+            pred = _mask(rec["mask_rle"])
+            axes[i, 1].imshow(image)
+            axes[i, 1].imshow(np.ma.masked_where(~pred, pred), cmap="autumn", alpha=0.55, vmin=0, vmax=1)
+            axes[i, 1].set_title(f"mask, IoU {rec['iou']:.2f}", fontsize=7)
+            for k, (a, b, patches) in enumerate(row_stages):
+                ax = axes[i, 2 + k]
+                ax.imshow(image)
+                kept = np.zeros(len(boxes), bool)
+                kept[[p for p in patches if 0 <= p < len(boxes)]] = True
+                for x0, y0, x1, y1 in boxes[~kept]:
+                    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, color="black", alpha=0.65, lw=0))
+                ax.contour(gt, levels=[0.5], colors="lime", linewidths=0.6)
+                layers = f"layer {a}" if a == b else f"layers {a}-{b}"
+                ax.set_title(f"{layers}: {len(patches)} tokens", fontsize=7)
+        fig.suptitle(f"{sample.query}", fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{sid}.png"
+        fig.savefig(path, dpi=150)
+        plt.close(fig)
+        written.append(path)
+    return written
