@@ -4,8 +4,9 @@ For every cell with an unpruned counterpart (method `none`, same model, decode m
 - `agreement`: mean IoU of the pruned mask with the unpruned mask, sample by sample (how much pruning changed the
   answer, independent of the ground truth);
 - `gt_recall`: per LLM layer, the mean fraction of the ground-truth region's image tokens still present;
-- `recall_vs_drop`: Spearman correlation, over samples, of the mean recall across layers with the IoU drop
-  (unpruned IoU - pruned IoU); negative when losing the target's tokens costs accuracy.
+- `recall_vs_drop`: Spearman correlation, over samples (`recall_vs_drop_n` of them), of the mean recall across
+  layers with the IoU drop (unpruned IoU - pruned IoU); negative when losing the target's tokens costs accuracy.
+  A merged token counts only for the patch it is indexed by, so recall understates pre-LLM merging methods.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 
-def _mask(rle: dict) -> np.ndarray:
+def decode_mask(rle: dict) -> np.ndarray:
+    """A mask stored in a record (pycocotools RLE with ASCII counts)."""
     from pycocotools import mask as mask_utils
 
     return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
@@ -25,7 +27,7 @@ def _mask(rle: dict) -> np.ndarray:
 
 def mask_agreement(a: dict, b: dict) -> float:
     """IoU of two stored masks (RLE); two empty masks agree fully."""
-    ma, mb = _mask(a), _mask(b)
+    ma, mb = decode_mask(a), decode_mask(b)
     union = int((ma | mb).sum())
     return 1.0 if union == 0 else int((ma & mb).sum()) / union
 
@@ -40,10 +42,13 @@ def analyze_run(run_dir: str | Path) -> list[dict[str, Any]]:
     run_dir = Path(run_dir)
     rows = [r for r in load_run(run_dir) if not r.get("missing")]
     records = {r["cell"]: cell_records(run_dir, r["cell"], r.get("n")) for r in rows}
-    baseline = {(r["model"], r["decode"], r["dataset"], r["split"]): r["cell"] for r in rows if r["spec"] == "none"}
+    def key(r: dict) -> tuple:  # the unpruned counterpart: same weights, dtype, attention, decode mode and split
+        return r["model"], r.get("fingerprint"), r.get("dtype"), r.get("attn"), r["decode"], r["dataset"], r["split"]
+
+    baseline = {key(r): r["cell"] for r in rows if r["spec"] == "none"}
     out = []
     for r in rows:
-        base_id = baseline.get((r["model"], r["decode"], r["dataset"], r["split"]))
+        base_id = baseline.get(key(r))
         mine = records[r["cell"]]
         entry: dict[str, Any] = {"cell": r["cell"], "model": r["model"], "decode": r["decode"],
                                  "method": method_label(r["spec"]), "dataset": r["dataset"], "split": r["split"],
@@ -62,6 +67,7 @@ def analyze_run(run_dir: str | Path) -> list[dict[str, Any]]:
                     if rec.std() > 0 and drop.std() > 0:
                         ranks = pd.DataFrame({"recall": rec, "drop": drop}).rank()  # Spearman: Pearson of ranks
                         entry["recall_vs_drop"] = float(ranks["recall"].corr(ranks["drop"]))
+                    entry["recall_vs_drop_n"] = len(with_recall)
         out.append(entry)
     (run_dir / "analysis.json").write_text(json.dumps(out, indent=2))
     flat = [{**{k: v for k, v in e.items() if k != "gt_recall"},

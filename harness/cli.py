@@ -162,17 +162,18 @@ def plot(run_dir, out, metric) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--method", "methods", multiple=True, help="a method of the run (its table label or spec); repeatable")
 @click.option("--sample", "samples", multiple=True, help="a sample id; repeatable (default: the first --limit)")
+@click.option("--split", default=None, help="dataset:split to draw (default: the run's first)")
 @click.option("--limit", type=int, default=4, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the PNGs (default: RUN/viz)")
 @friendly
-def viz(run_dir, methods, samples, limit, out) -> None:
+def viz(run_dir, methods, samples, split, limit, out) -> None:
     """Per sample: the ground truth, each method's mask and the image tokens it kept at each stage (one PNG)."""
     from harness.viz import visualize
 
     if not run_dir.exists():
         raise ValueError(f"run folder {run_dir} does not exist; make one with `segprune run --out {run_dir}`")
-    for path in visualize(run_dir, methods=list(methods), samples=list(samples), limit=limit, out=out):
+    for path in visualize(run_dir, methods=list(methods), samples=list(samples), split=split, limit=limit, out=out):
         click.echo(f"wrote {path}")
 
 

@@ -9,6 +9,8 @@ import numpy as np
 from tabulate import tabulate
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import pandas as pd
 
 COLUMNS = [("method", "method"), ("data", "dataset:split"), ("n", "n"), ("giou", "gIoU"), ("ciou", "cIoU"),
@@ -42,7 +44,7 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "text") -> str:
 GROUPS = ("baseline", "controls", "pre-LLM", "in-LLM", "multi-stage")
 _GROUP_OF_STAGE = {"control": "controls", "pre-llm": "pre-LLM", "in-llm": "in-LLM", "multi-stage": "multi-stage"}
 SPLIT_ORDER = ("val", "test", "testA", "testB", "reason")
-BOOTSTRAP = 1000  # paired bootstrap resamples for the drop's 95% interval
+BOOTSTRAP = 4000  # paired bootstrap resamples for the drop's 95% interval
 
 
 def method_label(spec: str) -> str:
@@ -78,103 +80,131 @@ def method_group(spec: str) -> str:
         return "in-LLM"
 
 
-def paired_drop(pairs: list[tuple[np.ndarray, np.ndarray]], seed: int = 0) -> tuple[float, float, float]:
-    """Mean over splits of gIoU(method) - gIoU(baseline), with a paired bootstrap 95% interval: each replicate
-    resamples every split's samples (the same ones for both) and averages the splits' differences."""
+def paired_drop(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seed: int = 0) -> tuple[float, float, float]:
+    """Mean over splits of gIoU(method) - gIoU(baseline), with a paired cluster-bootstrap 95% interval: each
+    replicate resamples every split's images (all queries of an image together: RefCOCO-style splits ask several
+    questions per image) and averages the splits' differences. `pairs`: (method IoU, baseline IoU, image ids) per
+    split, aligned by sample."""
     rng = np.random.default_rng(seed)
-    diffs = [m - b for m, b in pairs]
-    point = float(np.mean([d.mean() for d in diffs]))
+    point = float(np.mean([(m - b).mean() for m, b, _ in pairs]))
     reps = np.zeros(BOOTSTRAP)
-    for d in diffs:
-        reps += d[rng.integers(0, len(d), (BOOTSTRAP, len(d)))].mean(1)
-    reps /= len(diffs)
+    for m, b, images in pairs:
+        _, group = np.unique(images, return_inverse=True)
+        n_groups = group.max() + 1
+        sums, counts = np.bincount(group, m - b, n_groups), np.bincount(group, minlength=n_groups)
+        draw = rng.integers(0, n_groups, (BOOTSTRAP, n_groups))
+        reps += sums[draw].sum(1) / counts[draw].sum(1)
+    reps /= len(pairs)
     lo, hi = np.percentile(reps, [2.5, 97.5])
     return point, float(lo), float(hi)
 
 
-def paper_frame(run_dir) -> tuple[pd.DataFrame, list[str]]:
-    """One row per (model, decode, method spec) of a run: gIoU and cIoU per split, the mean over splits, N_avg,
-    TFLOPs (exact and csp), LLM latency, and the gIoU drop against the unpruned baseline of the same model with its
-    paired bootstrap 95% interval. Returns the frame and notes (missing and partial cells)."""
+def paper_frame(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """One row per (model, its weights, dtype, attention, decode mode, method spec) of a run: gIoU and cIoU per split
+    (NaN where missing, listed in `missing`), their mean (only when every split is there), N_avg, TFLOPs, LLM
+    latency, and the gIoU drop against the unpruned model of the same row key, with its paired bootstrap 95%
+    interval. Returns the frame and notes (missing, partial and unpaired cells)."""
     import pandas as pd
 
     from harness.runner import cell_records, load_run
 
     rows = load_run(run_dir)
-    notes = []
-    by_key: dict[tuple, dict] = {}
+    notes: list[str] = []
     splits: list[str] = []
-    ious: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        split = f"{r['dataset']}:{r['split']}"
-        if split not in splits:
-            splits.append(split)
-        key = (r["model"], r["decode"], r["spec"])
-        row = by_key.setdefault(key, {"model": r["model"], "decode": r["decode"], "spec": r["spec"],
-                                      "method": method_label(r["spec"]), "group": method_group(r["spec"]),
-                                      "_cells": []})
-        if r.get("missing"):
-            notes.append(f"{row['method']} on {split}: missing (no finished sample)")
-            row[f"{split} gIoU"] = row[f"{split} cIoU"] = "missing"
-            continue
-        if not r.get("complete", True):
-            notes.append(f"{row['method']} on {split}: partial ({r['n']} samples)")
-            row["status"] = "partial"
-        row[f"{split} gIoU"], row[f"{split} cIoU"] = r["giou"], r["ciou"]
-        row["_cells"].append(r)
-        ious[(*key, split)] = {x["sample_id"]: x["iou"] for x in cell_records(run_dir, r["cell"], r.get("n"))}
+        if f"{r['dataset']}:{r['split']}" not in splits:
+            splits.append(f"{r['dataset']}:{r['split']}")
     splits.sort(key=lambda s: (s.split(":")[0], SPLIT_ORDER.index(s.split(":")[1])
                                if s.split(":")[1] in SPLIT_ORDER else len(SPLIT_ORDER)))
+    weights = {}  # model name -> the distinct (weights, dtype, attention) it was run with
+    for r in rows:
+        weights.setdefault(r["model"], set()).add((r.get("fingerprint", ""), r.get("dtype"), r.get("attn")))
+    by_key: dict[tuple, dict] = {}
+    samples: dict[tuple, dict[str, tuple[float, str]]] = {}
+    for r in rows:
+        split = f"{r['dataset']}:{r['split']}"
+        block = (r["model"], r.get("fingerprint", ""), r.get("dtype"), r.get("attn"), r["decode"])
+        model = r["model"] if len(weights[r["model"]]) == 1 else \
+            f"{r['model']} [{r.get('fingerprint', '')[:8]}, {r.get('dtype')}, {r.get('attn')}]"
+        row = by_key.setdefault((*block, r["spec"]), {
+            "model": model, "decode": r["decode"], "spec": r["spec"], "method": method_label(r["spec"]),
+            "group": method_group(r["spec"]), "_block": block, "_cells": [], "missing": [], "partial": []})
+        if f"{split} gIoU" in row:
+            raise ValueError(f"{run_dir}: two cells of {row['method']} on {split} with the same model weights; the "
+                             f"run folder's config.json lists a cell twice")
+        if r.get("missing"):
+            row["missing"].append(split)
+            row[f"{split} gIoU"] = row[f"{split} cIoU"] = float("nan")
+            notes.append(f"{row['method']} on {split}: missing (no finished sample)")
+            continue
+        if not r.get("complete", True):
+            row["partial"].append(split)
+            notes.append(f"{row['method']} on {split}: partial ({r['n']} samples)")
+        row[f"{split} gIoU"], row[f"{split} cIoU"] = r["giou"], r["ciou"]
+        row["_cells"].append(r)
+        samples[(*block, r["spec"], split)] = {x["sample_id"]: (x["iou"], x.get("image_id", x["sample_id"]))
+                                               for x in cell_records(run_dir, r["cell"], r.get("n"))}
     out = []
-    for key, row in by_key.items():
-        cells = row.pop("_cells")
+    for row in by_key.values():
+        cells, block = row.pop("_cells"), row.pop("_block")
         if cells and row["decode"] == "generate":  # how often the answer held a [SEG] (no [SEG]: empty mask)
             row["seg_rate"] = float(np.mean([c.get("seg_rate", 1.0) for c in cells]))
         if cells:
-            row["mean gIoU"] = float(np.mean([c["giou"] for c in cells]))
-            row["N_avg"] = float(np.mean([c["n_avg"] for c in cells]))
-            row["TFLOPs"] = float(np.mean([c["tflops"] for c in cells]))
-            row["LLM TFLOPs (csp)"] = float(np.mean([c["llm_tflops_csp"] for c in cells]))
-            row["LLM ms"] = float(np.mean([c["llm_total_ms"] for c in cells]))
-        base_key = (row["model"], row["decode"], "none")
-        pairs = []
-        for split in splits:
-            mine, base = ious.get((*key, split)), ious.get((*base_key, split))
-            if mine and base and key != base_key:
-                common = sorted(set(mine) & set(base))
+            row["mean gIoU"] = float(np.mean([c["giou"] for c in cells])) if not row["missing"] else float("nan")
+            for col, key in (("N_avg", "n_avg"), ("TFLOPs", "tflops"), ("LLM TFLOPs (csp)", "llm_tflops_csp"),
+                             ("LLM ms", "llm_total_ms")):
+                row[col] = float(np.mean([c[key] for c in cells]))
+        if row["spec"] != "none":
+            pairs = []
+            for split in splits:
+                mine, base = samples.get((*block, row["spec"], split)), samples.get((*block, "none", split))
+                common = sorted(set(mine) & set(base)) if mine and base else []
                 if common:
-                    pairs.append((np.array([mine[s] for s in common]), np.array([base[s] for s in common])))
-        if pairs:
-            row["dgIoU"], row["dgIoU lo"], row["dgIoU hi"] = paired_drop(pairs)
+                    pairs.append((np.array([mine[k][0] for k in common]), np.array([base[k][0] for k in common]),
+                                  np.array([base[k][1] for k in common])))
+                elif mine:
+                    notes.append(f"{row['method']} on {split}: no unpruned (`none`) cell to pair with; no drop")
+            if pairs and len(pairs) == len([s for s in splits if samples.get((*block, row["spec"], s))]):
+                row["dgIoU"], row["dgIoU lo"], row["dgIoU hi"] = paired_drop(pairs)
+        row["missing"], row["partial"] = ",".join(row["missing"]), ",".join(row["partial"])
         out.append(row)
     frame = pd.DataFrame(out)
+    for col in ("N_avg", "mean gIoU", "dgIoU", "dgIoU lo", "dgIoU hi", "TFLOPs", "LLM TFLOPs (csp)", "LLM ms"):
+        if col not in frame.columns:
+            frame[col] = float("nan")
+    if frame.empty:
+        raise ValueError(f"{run_dir} has no cells; run `segprune run --out {run_dir}` to make some")
     frame["group"] = pd.Categorical(frame["group"], GROUPS, ordered=True)
     frame = frame.sort_values(["model", "decode", "group", "N_avg"], ascending=[True, True, True, False],
-                              kind="stable").reset_index(drop=True)
+                              kind="stable", na_position="last").reset_index(drop=True)
     return frame, notes
 
 
-def _accuracy_columns(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c.endswith(("gIoU", "cIoU")) or c == "dgIoU"]
+def _budget(spec: str) -> str:
+    from harness.method import split_budget
+
+    budget = split_budget(spec)[1]
+    return str(budget) if budget is not None else ""
 
 
-def _best(frame: pd.DataFrame) -> dict[str, set[int]]:
-    """Row positions holding the best pruned value of each accuracy column, per (model, decode) block."""
-    import pandas as pd
-
-    best: dict[str, set[int]] = {}
+def _best(frame: pd.DataFrame, cols: list[str], shown: dict[tuple[int, str], str]) -> set[tuple[int, str]]:
+    """Cells holding the best pruned value of each accuracy column, compared as shown (rounded), among the rows of
+    one model block and one budget (rows without a budget form their own set)."""
+    best: set[tuple[int, str]] = set()
     pruned = frame[frame["group"] != "baseline"]
-    for col in _accuracy_columns(frame):
-        for _, block in pruned.groupby(["model", "decode"], observed=True):
-            values = pd.to_numeric(block[col], errors="coerce").dropna()  # "missing" cells are text
-            if len(values):
-                best.setdefault(col, set()).update(values.index[np.isclose(values, values.max())].tolist())
+    for _, rows in pruned.groupby([pruned["model"], pruned["decode"], pruned["spec"].map(_budget)], observed=True):
+        for col in cols:
+            values = {i: float(shown[i, col].split(" ")[0]) for i in rows.index
+                      if shown.get((i, col), "-") not in ("-", "missing", "0 (ref.)")}
+            if len(values) > 1:
+                top = max(values.values())
+                best.update((i, col) for i, v in values.items() if v == top)
     return best
 
 
 def render_paper_table(frame: pd.DataFrame, notes: list[str], fmt: str = "markdown") -> str:
     """The paper-style table as markdown, text, LaTeX (booktabs) or CSV (plain numbers, interval bounds as columns).
-    Best pruned value per accuracy column in bold (markdown, LaTeX)."""
+    In markdown and LaTeX the best pruned value of each accuracy column is bold, among rows of the same budget."""
     import pandas as pd
 
     if fmt == "csv":
@@ -183,59 +213,67 @@ def render_paper_table(frame: pd.DataFrame, notes: list[str], fmt: str = "markdo
     datasets = {c.split(":")[0] for c in split_cols}
     rename = {c: c.split(":", 1)[1] for c in split_cols} if len(datasets) == 1 else {}
     lead = ["group", "method"] + [c for c in ("model", "decode") if frame[c].nunique() > 1]
-    cols = lead + split_cols + ["mean gIoU", "dgIoU", "N_avg", "TFLOPs", "LLM ms"]
-    best = _best(frame)
-    digits = {"N_avg": 1, "TFLOPs": 5, "LLM ms": 1}
+    cols = lead + split_cols + ["mean gIoU", "dgIoU", "N_avg", "TFLOPs", "LLM TFLOPs (csp)", "LLM ms"]
+    digits = {"N_avg": 1, "TFLOPs": 4, "LLM TFLOPs (csp)": 4, "LLM ms": 1}
 
-    def cell(i: int, col: str, bold: tuple[str, str]) -> str:
-        v = frame.at[i, col] if col in frame.columns else None
+    def shown(i: int, col: str) -> str:
+        v = frame.at[i, col]
         if col == "method":
             seg = frame.at[i, "seg_rate"] if "seg_rate" in frame.columns else float("nan")
-            status = frame.at[i, "status"] if "status" in frame.columns else None
+            marks = [f"partial: {frame.at[i, 'partial']}"] if frame.at[i, "partial"] else []
+            marks += [f"missing: {frame.at[i, 'missing']}"] if frame.at[i, "missing"] else []
             return str(v) + (f" [generate, [SEG] in {seg:.0%}]" if not math.isnan(seg) else "") \
-                + (" (partial)" if isinstance(status, str) else "")
+                + (f" ({'; '.join(marks)})" if marks else "")
         if col in lead:
-            return str(v) if col != "group" or i == 0 or frame.at[i - 1, "group"] != v else ""
-        if isinstance(v, str):  # "missing"
-            return v
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "-" if col != "dgIoU" or frame.at[i, "group"] != "baseline" else "0 (ref.)"
-        text = f"{100 * v:.1f}" if col in best or col in split_cols or col == "mean gIoU" else \
-            _fmt(float(v), digits.get(col, 2))
+            return str(v) if col != "group" or i == 0 or frame.at[i - 1, "group"] != v or \
+                frame.at[i - 1, "model"] != frame.at[i, "model"] else ""
+        if col in split_cols and col.rsplit(" ", 1)[0] in frame.at[i, "missing"].split(","):
+            return "missing"
+        if isinstance(v, float) and math.isnan(v):
+            return "0 (ref.)" if col == "dgIoU" and frame.at[i, "spec"] == "none" else "-"
         if col == "dgIoU":
-            text = f"{100 * v:+.1f} [{100 * frame.at[i, 'dgIoU lo']:+.1f}, {100 * frame.at[i, 'dgIoU hi']:+.1f}]"
-        return f"{bold[0]}{text}{bold[1]}" if i in best.get(col, ()) else text
+            return f"{100 * v:+.1f} [{100 * frame.at[i, 'dgIoU lo']:+.1f}, {100 * frame.at[i, 'dgIoU hi']:+.1f}]"
+        return f"{100 * v:.1f}" if col in split_cols or col == "mean gIoU" else _fmt(float(v), digits[col])
 
-    heads = [rename.get(c, c) for c in cols]
-    heads = [h.replace("dgIoU", "ΔgIoU [95% CI]") if fmt != "latex" else h.replace("dgIoU", r"$\Delta$gIoU [95\% CI]")
-             for h in heads]
+    text = {(i, c): shown(i, c) for i in range(len(frame)) for c in cols}
+    best = _best(frame, split_cols + ["mean gIoU", "dgIoU"], text) if fmt != "text" else set()
+    names = {"dgIoU": "ΔgIoU [95% CI]", "TFLOPs": "TFLOPs (exact)"}
+    heads = [names.get(c, rename.get(c, c)) for c in cols]
     if fmt == "latex":
-        body = [[cell(i, c, (r"\textbf{", "}")) for c in cols] for i in range(len(frame))]
-        table = pd.DataFrame(body, columns=heads)
-        latex = table.style.hide(axis="index").to_latex(hrules=True, column_format="ll" + "r" * (len(cols) - 2))
-        rows = latex.splitlines()
-        first = rows.index("\\midrule") + 1  # the body follows the header's rule, one line per frame row
-        out = rows[:first]
-        for i, line in enumerate(rows[first:first + len(frame)]):
-            if i > 0 and body[i][0]:  # a new group starts: a rule before it
+        body = pd.DataFrame([[text[i, c] for c in cols] for i in range(len(frame))],
+                            columns=[h.replace("Δ", "$\\Delta$") for h in heads])
+        bold = pd.DataFrame([["font-weight: bold;" if (i, c) in best else "" for c in cols]
+                             for i in range(len(frame))], columns=body.columns)
+        latex = body.style.format(escape="latex").format_index(escape="latex", axis=1) \
+            .apply(lambda _: bold, axis=None).hide(axis="index") \
+            .to_latex(hrules=True, convert_css=True, column_format="ll" + "r" * (len(cols) - 2))
+        lines = latex.splitlines()
+        start = lines.index("\\midrule") + 1  # the body follows the header's rule, one line per frame row
+        out = lines[:start]
+        for i, line in enumerate(lines[start:start + len(frame)]):
+            if i > 0 and text[i, "group"]:  # a new group: a rule before it
                 out.append("\\midrule")
             out.append(line)
-        out += rows[first + len(frame):]
-        text = "\n".join(out)
+        table = "\n".join(out + lines[start + len(frame):])
     else:
-        body = [[cell(i, c, ("**", "**") if fmt == "markdown" else ("", "")) for c in cols] for i in range(len(frame))]
-        text = tabulate(body, headers=heads, tablefmt="github" if fmt == "markdown" else "simple",
-                        disable_numparse=True)
-    foot = ["gIoU / cIoU in %, best pruned value in bold; ΔgIoU: mean over splits of the paired difference to the "
-            f"unpruned model, 95% interval from {BOOTSTRAP} paired bootstrap resamples; N_avg: image tokens per LLM "
-            "layer (LVLM_CSP eq. 9); TFLOPs: exact, whole pipeline; LLM ms: median LLM stage incl. method scoring."]
-    foot += notes
-    sep = "\n% " if fmt == "latex" else "\n"
-    return text + "\n" + sep.lstrip("\n") + sep.join(foot) + "\n"
+        mark = ("**", "**") if fmt == "markdown" else ("", "")
+        body = [[f"{mark[0]}{text[i, c]}{mark[1]}" if (i, c) in best else text[i, c] for c in cols]
+                for i in range(len(frame))]
+        table = tabulate(body, headers=heads, tablefmt="github" if fmt == "markdown" else "simple",
+                         disable_numparse=True)
+    foot = [("gIoU / cIoU in %" + (", best pruned value per budget in bold" if fmt != "text" else "") + "; ΔgIoU: "
+             "mean over splits of the paired difference to the unpruned model, 95% interval from "
+             f"{BOOTSTRAP} bootstrap resamples of images; N_avg: image tokens per LLM layer (LVLM_CSP eq. 9); "
+             "TFLOPs (exact): whole model incl. SAM and a method's own models; LLM TFLOPs (csp): LVLM_CSP eq. 11 "
+             "(x2); LLM ms: per split the median over samples of the LLM stage plus the method's own scoring "
+             "or selection (an instance segmenter excluded), averaged over splits."), *notes]
+    if fmt == "latex":
+        return table + "\n" + "".join(f"% {line}\n" for line in foot)
+    return table + "\n\n" + "\n".join(foot) + "\n"
 
 
 # -- trade-off plots --------------------------------------------------------------------------------------------
-PLOT_AXES = (("TFLOPs", "TFLOPs (exact, whole model)"), ("LLM ms", "LLM latency (ms)"),
+PLOT_AXES = (("TFLOPs", "TFLOPs (exact, whole model)"), ("LLM ms", "LLM stage + scoring (ms)"),
              ("N_avg", "N_avg (image tokens / layer)"))
 
 
@@ -250,53 +288,53 @@ def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array(front, dtype=int)
 
 
-def plot_run(run_dir, out: str | None = None, metric: str = "mean gIoU") -> list[str]:
+def plot_run(run_dir: str | Path, out: str | Path | None = None, metric: str = "mean gIoU") -> list[str]:
     """Accuracy vs TFLOPs, vs LLM latency and vs N_avg, one line per method across its budgets, the unpruned
     baseline marked, the Pareto front of the pruned points highlighted; PNG and PDF per (model, decode).
     Returns the written paths."""
     from pathlib import Path
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib as mpl
+    from matplotlib.figure import Figure
 
     frame, _ = paper_frame(run_dir)
-    if metric not in frame.columns:
-        raise ValueError(f"no column {metric!r} in this run; choose one of "
-                         f"{', '.join(c for c in frame.columns if c.endswith('gIoU') or c.endswith('cIoU'))}")
+    choices = [c for c in frame.columns if c.endswith(("gIoU", "cIoU")) and c != "dgIoU"]
+    if metric not in choices:
+        raise ValueError(f"no column {metric!r} in this run; choose one of {', '.join(choices)}")
     base = Path(out) if out else Path(run_dir) / "plots" / "tradeoff"
     base.parent.mkdir(parents=True, exist_ok=True)
     written = []
     blocks = list(frame.groupby(["model", "decode"], observed=True))
-    for (model, decode), block in blocks:
-        block = block.dropna(subset=[metric, "TFLOPs"])
+    for k, ((model, decode), block) in enumerate(blocks):
+        block = block.dropna(subset=[metric])
         family = block["method"].str.split("@").str[0]
-        plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7})
-        fig, axes = plt.subplots(1, 3, figsize=(7.0, 2.5), constrained_layout=True)
-        colours = dict(zip(sorted(set(family[block["group"] != "baseline"])), plt.cm.tab10.colors * 3, strict=False))
-        for ax, (col, label) in zip(axes, PLOT_AXES, strict=True):
-            pruned = block[block["group"] != "baseline"].dropna(subset=[col])
-            if len(pruned):
-                front = pruned.iloc[pareto_front(pruned[col].to_numpy(float), pruned[metric].to_numpy(float))]
-                ax.step(front[col], 100 * front[metric], where="post", color="0.8", lw=4, zorder=1,
-                        label="Pareto front")
-            for name, rows in pruned.groupby(family[pruned.index]):
-                rows = rows.sort_values(col)
-                ax.plot(rows[col], 100 * rows[metric], "o-", ms=3.5, lw=1.2, color=colours[name], label=name, zorder=3)
-            for _, r in block[block["group"] == "baseline"].iterrows():
-                ax.axhline(100 * r[metric], color="k", ls="--", lw=0.8, zorder=2)
-                ax.plot([r[col]], [100 * r[metric]], "k*", ms=8, zorder=4, label="unpruned")
-            ax.set_xlabel(label)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel(f"{metric} (%)")
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right center", frameon=False)
-        fig.suptitle(f"{model} ({decode})" if len(blocks) > 1 else str(model))
-        stem = base if len(blocks) == 1 else base.with_name(f"{base.name}-{len(written) // 2}")
-        for ext in ("png", "pdf"):
-            path = stem.with_suffix(f".{ext}")
-            fig.savefig(path, dpi=200)
-            written.append(str(path))
-        plt.close(fig)
+        with mpl.rc_context({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7}):
+            fig = Figure(figsize=(7.0, 2.5), layout="constrained")
+            axes = fig.subplots(1, 3)
+            names = sorted(set(family[block["group"] != "baseline"]))
+            colours = dict(zip(names, mpl.colormaps["tab10"].colors * (1 + len(names) // 10), strict=False))
+            for ax, (col, label) in zip(axes, PLOT_AXES, strict=True):
+                pruned = block[block["group"] != "baseline"].dropna(subset=[col])
+                if len(pruned):
+                    front = pruned.iloc[pareto_front(pruned[col].to_numpy(float), pruned[metric].to_numpy(float))]
+                    ax.step(front[col], 100 * front[metric], where="post", color="0.8", lw=4, zorder=1,
+                            label="Pareto front")
+                for name, rows in pruned.groupby(family[pruned.index]):
+                    rows = rows.sort_values(col)
+                    ax.plot(rows[col], 100 * rows[metric], "o-", ms=3.5, lw=1.2, color=colours[name], label=name,
+                            zorder=3)
+                for _, r in block[block["group"] == "baseline"].iterrows():
+                    ax.axhline(100 * r[metric], color="k", ls="--", lw=0.8, zorder=2)
+                    ax.plot([r[col]], [100 * r[metric]], "k*", ms=8, zorder=4, label="unpruned")
+                ax.set_xlabel(label)
+                ax.grid(alpha=0.3)
+            axes[0].set_ylabel(f"{metric} (%)")
+            handles, labels = axes[0].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside right center", frameon=False)
+            fig.suptitle(f"{model} ({decode})" if len(blocks) > 1 else str(model))
+            stem = base if len(blocks) == 1 else base.with_name(f"{base.name}-{k}")
+            for ext in ("png", "pdf"):
+                path = stem.with_suffix(f".{ext}")
+                fig.savefig(path, dpi=200)
+                written.append(str(path))
     return written

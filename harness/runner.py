@@ -117,9 +117,12 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
 
 
-def gt_token_recall(model: Any, gt: np.ndarray, kept: list[list[int]]) -> list[float]:
+def gt_token_recall(model: Any, gt: np.ndarray, kept: list[list[int]]) -> list[float] | None:
     """Per LLM layer, the fraction of the ground truth's image tokens still present: the patches the target covers at
-    least half (its most covered patch if none) through the CLIP geometry."""
+    least half (its most covered patch if none) through the CLIP geometry. A merged token counts only for the patch
+    it is indexed by (pre-LLM merging methods), so recall understates what merged tokens still carry."""
+    if not (gt == 1).any():  # no target region (an empty ground truth): nothing to recall
+        return None
     cov = model.patch_coverage((gt == 1)[None])[0]
     target = set((cov >= 0.5).nonzero().squeeze(1).tolist()) or {int(cov.argmax())}
     return [round(len(target.intersection(layer)) / len(target), 4) for layer in kept]
@@ -251,7 +254,8 @@ def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | No
     """One summary row; `resolved` is the method with every parameter (a budget spec's mapping on the model)."""
     row: dict[str, Any] = {"cell": cell.id, "model": cell.model, "method": cell.method_name, "spec": cell.method,
                            "resolved": resolved or cell.method, "dataset": cell.dataset, "split": cell.split,
-                           "decode": cell.decode}
+                           "decode": cell.decode, "dtype": cell.dtype, "attn": cell.attn,
+                           "fingerprint": cell.model_fingerprint}
     row.update(aggregate((r["intersection"], r["union"]) for r in records))
     row["complete"] = expected is None or len(records) >= expected
     if records:

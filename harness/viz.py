@@ -33,18 +33,16 @@ def stages(segments: list[list[Any]], n_layers: int) -> list[tuple[int, int, lis
 
 
 def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples: list[str] | None = None,
-              limit: int = 4, out: str | Path | None = None) -> list[Path]:
+              split: str | None = None, limit: int = 4, out: str | Path | None = None) -> list[Path]:
     """Write one PNG per sample: rows are methods (the unpruned model first), columns the ground truth, the
     predicted mask and each stage's kept tokens. Methods are matched by their table label or spec; samples by id
-    (default: the first `limit` samples every chosen cell has)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    (default: the first `limit` samples every chosen cell has); `split` ("dataset:split") picks the split (default:
+    the run's first), and the first model and decode mode of the run are drawn."""
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     import harness
-    from harness.analysis import _mask
+    from harness.analysis import decode_mask
     from harness.report import method_label
     from harness.runner import cell_records, load_run
 
@@ -60,9 +58,13 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
                              f"for the methods it has")
     if not rows:
         raise ValueError(f"{run_dir} has no finished cell to draw")
+    if split is not None:
+        rows = [r for r in rows if f"{r['dataset']}:{r['split']}" == split]
+        if not rows:
+            raise ValueError(f"no finished cell on {split} in {run_dir}; give the split as dataset:split")
     first = rows[0]
-    rows = [r for r in rows if (r["model"], r["dataset"], r["split"]) == (first["model"], first["dataset"],
-                                                                          first["split"])]
+    same = ("model", "fingerprint", "dtype", "attn", "decode", "dataset", "split")
+    rows = [r for r in rows if all(r.get(k) == first.get(k) for k in same)]
     rows.sort(key=lambda r: r["spec"] != "none")
     recs = {r["cell"]: {x["sample_id"]: x for x in cell_records(run_dir, r["cell"], r.get("n"))} for r in rows}
     common = [sid for sid in recs[rows[0]["cell"]] if all(sid in recs[r["cell"]] for r in rows)]
@@ -85,7 +87,8 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
         n_layers = len(next(iter(recs[rows[0]["cell"]].values()))["image_tokens_per_layer"])
         per_row = [stages(recs[r["cell"]][sid]["kept_patches"], n_layers) for r in rows]
         n_cols = 2 + max(len(p) for p in per_row)
-        fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.6 * n_cols, 1.7 * len(rows) + 0.3), squeeze=False)
+        fig = Figure(figsize=(1.6 * n_cols, 1.7 * len(rows) + 0.3))
+        axes = fig.subplots(len(rows), n_cols, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for i, (r, row_stages) in enumerate(zip(rows, per_row, strict=True)):
@@ -98,7 +101,7 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
             axes[i, 0].set_title("ground truth", fontsize=7)
             axes[i, 0].text(-0.08, 0.5, method_label(r["spec"]), transform=axes[i, 0].transAxes, rotation=90,
                             va="center", ha="right", fontsize=7)
-            pred = _mask(rec["mask_rle"])
+            pred = decode_mask(rec["mask_rle"])
             axes[i, 1].imshow(image)
             axes[i, 1].imshow(np.ma.masked_where(~pred, pred), cmap="autumn", alpha=0.55, vmin=0, vmax=1)
             axes[i, 1].set_title(f"mask, IoU {rec['iou']:.2f}", fontsize=7)
@@ -106,7 +109,10 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
                 ax = axes[i, 2 + k]
                 ax.imshow(image)
                 kept = np.zeros(len(boxes), bool)
-                kept[[p for p in patches if 0 <= p < len(boxes)]] = True
+                index = np.asarray([p for p in patches if p >= 0], dtype=int)  # -1: a token standing for no patch
+                if index.size and index.max() >= len(boxes):
+                    raise ValueError(f"{r['cell']}: patch {index.max()} is outside the {grid} grid of its cell")
+                kept[index] = True
                 for x0, y0, x1, y1 in boxes[~kept]:
                     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, color="black", alpha=0.65, lw=0))
                 ax.contour(gt, levels=[0.5], colors="lime", linewidths=0.6)
@@ -116,6 +122,5 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
         fig.tight_layout()
         path = out_dir / f"{sid}.png"
         fig.savefig(path, dpi=150)
-        plt.close(fig)
         written.append(path)
     return written

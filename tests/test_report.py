@@ -18,7 +18,7 @@ from harness.runner import expand_grid, run_grid
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cells = expand_grid(["random:tiny"], ["none", "random@50%", "random@75%", "downsample"],
+    cells = expand_grid(["random:tiny"], ["none", "random@50%", "random@75%", "downsample", "fastv@75%"],
                         ["toy:val", "toy:test"], limit=3)
     run_grid(cells, out)
     return out
@@ -27,9 +27,9 @@ def run(tmp_path_factory):
 def test_frame_has_one_row_per_method_with_splits_and_the_paired_drop(run):
     frame, notes = paper_frame(run)
     assert frame["method"].iloc[0] == "none" and set(frame["method"]) == {"none", "downsample", "random@50%",
-                                                                           "random@75%"}
-    assert list(frame["group"]) == ["baseline", "controls", "controls", "controls"]
-    assert frame["N_avg"].iloc[1:].is_monotonic_decreasing  # within a group: by cost
+                                                                           "random@75%", "fastv@75%"}
+    assert list(frame["group"]) == ["baseline", "controls", "controls", "controls", "in-LLM"]
+    assert frame["N_avg"].iloc[1:4].is_monotonic_decreasing  # within a group: by cost
     assert {"toy:val gIoU", "toy:test cIoU", "mean gIoU", "N_avg", "TFLOPs", "LLM ms"} <= set(frame.columns)
     assert not notes
     base = frame.iloc[0]
@@ -42,11 +42,16 @@ def test_frame_has_one_row_per_method_with_splits_and_the_paired_drop(run):
 def test_paired_drop_interval():
     rng = np.random.default_rng(1)
     b = rng.uniform(0.3, 0.9, 400)
-    point, lo, hi = paired_drop([(b - 0.1, b)])
+    images = np.arange(400)
+    point, lo, hi = paired_drop([(b - 0.1, b, images)])
     assert point == pytest.approx(-0.1) and lo == pytest.approx(-0.1) and hi == pytest.approx(-0.1)  # constant shift
     noisy = b - 0.05 + rng.normal(0, 0.1, 400)
-    point, lo, hi = paired_drop([(noisy, b), (b, b)])  # a second split with no change halves the mean drop
-    assert lo < point < hi and lo < -0.025 + 0.02 and hi > -0.025 - 0.02 and hi < 0
+    point, lo, hi = paired_drop([(noisy, b, images), (b, b, images)])  # an unchanged split halves the mean drop
+    assert lo < point < hi < 0 and point == pytest.approx(np.mean(noisy - b) / 2)
+    # five queries per image with the same outcome are one observation, not five: the interval does not narrow
+    once = paired_drop([(noisy[:80], b[:80], images[:80])])
+    five = paired_drop([(np.repeat(noisy[:80], 5), np.repeat(b[:80], 5), np.repeat(images[:80], 5))])
+    assert five[0] == pytest.approx(once[0]) and five[2] - five[1] == pytest.approx(once[2] - once[1], rel=0.15)
 
 
 def test_pareto_front():
@@ -64,12 +69,23 @@ def test_method_label_keeps_non_defaults_and_budget():
 def test_formats(run):
     frame, notes = paper_frame(run)
     md = render_paper_table(frame, notes, "markdown")
-    assert "| baseline" in md and "**" in md and "ΔgIoU [95% CI]" in md and "val gIoU" not in md.split("\n")[1]
+    header = md.split("\n")[0]
+    assert "| baseline" in md and "**" in md and "| val gIoU" in header and "toy:val" not in header
+    assert "ΔgIoU [95% CI]" in header and "TFLOPs (exact)" in header
+    cells = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in md.splitlines()[2:7]}  # val gIoU
+    a, b = (float(frame.loc[frame["method"] == m, "toy:val gIoU"].iloc[0]) for m in ("fastv@75%", "random@75%"))
+    bold = {m: cells[m].startswith("**") for m in ("fastv@75%", "random@75%")}  # compared at the same budget
+    assert bold == {"fastv@75%": round(100 * a, 1) >= round(100 * b, 1),
+                    "random@75%": round(100 * b, 1) >= round(100 * a, 1)}
+    assert not cells["random@50%"].startswith("**")  # the only row at its budget
     latex = render_paper_table(frame, notes, "latex")
-    assert "\\toprule" in latex and "\\bottomrule" in latex and "\\textbf{" in latex
-    assert latex.count("\\midrule") == 2  # after the header, and between the baseline and the controls
+    assert "\\toprule" in latex and "\\bottomrule" in latex and "\\bfseries" in latex
+    assert latex.count("\\midrule") == 3  # after the header, and before the controls and the in-LLM group
+    body = [line for line in latex.splitlines() if not line.startswith("%")]
+    assert "random@75\\%" in latex and all("%" not in line.replace("\\%", "") for line in body)
+    assert "N\\_avg" in latex
     csv = pd.read_csv(io.StringIO(render_paper_table(frame, notes, "csv")))
-    assert len(csv) == 4 and "dgIoU hi" in csv.columns
+    assert len(csv) == 5 and "dgIoU hi" in csv.columns
 
 
 def test_missing_and_partial_cells_are_marked(run, tmp_path):
@@ -88,7 +104,16 @@ def test_missing_and_partial_cells_are_marked(run, tmp_path):
     assert any("downsample on toy:test: missing" in n for n in notes)
     assert any("random@75% on toy:val: partial (1 samples)" in n for n in notes)
     text = render_paper_table(frame, notes, "text")
-    assert "missing" in text and "partial" in text
+    rows = {line.split()[0 if line.startswith(" ") else 1]: line for line in text.splitlines()[2:7]}
+    assert "(missing: toy:test)" in rows["downsample"] and "missing" in rows["downsample"].split(")", 1)[1]
+    assert "(partial: toy:val)" in rows["random@75%"]
+    assert frame.loc[frame["method"] == "downsample", "mean gIoU"].isna().all()  # not comparable to full rows
+
+
+def test_a_run_with_no_cells_says_so(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"cells": []}))
+    with pytest.raises(ValueError, match="has no cells"):
+        paper_frame(tmp_path)
 
 
 def test_plot_writes_png_and_pdf(run, tmp_path):

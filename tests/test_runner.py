@@ -69,7 +69,7 @@ def test_interrupted_run_keeps_finished_samples_and_tables_partial_cells(tmp_pat
     assert rows[0]["n"] == 3 and rows[0]["complete"]
     assert rows[1]["n"] == 1 and not rows[1]["complete"]
     out = CliRunner().invoke(main, ["table", str(tmp_path)])
-    assert out.exit_code == 0 and "(partial)" in out.output
+    assert out.exit_code == 0 and "(partial: toy:val)" in out.output
     monkeypatch.setattr(harness.SegModel, "segment", real)
     assert [r["n"] for r in run_grid(cells, tmp_path)] == [3, 3]
 
