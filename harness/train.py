@@ -20,11 +20,18 @@ stages, each with dense supervision used in training only (inference is exactly 
    (c) an alignment loss pulling the [SEG] embedding toward SAM's point-prompt embedding of an interior point of
    the target. Attribute queries only for the first fifth of the steps, then all families.
 
-   Measured on the 2-core CPU (issue 3 note; decoder cut to 3 layers, attribute queries, pointer and gather losses
+   Measured on the 2-core CPU (issue 3 notes; decoder cut to 3 layers, attribute queries, pointer and gather losses
    only): without (a) the pointer stalls at ~0.2 attention mass on the target (every object gets some, none wins),
    because the rows never hold the query; with (a) but LLaMA's init it reaches 0.29 after 150 steps; with both,
-   0.56. In the full stage the pointer learns more slowly (mass ~0.4 after 1200 steps) and the [SEG] embedding
-   does not follow it yet (the alignment loss stays flat): val gIoU 0.15, far from the issue's target.
+   0.56; with rope_theta 1e6 instead of 10000, 0.52 vs 0.33 after 200 steps of a shorter schedule. In the full
+   stage the pointer learns more slowly and the [SEG] embedding does not follow it (the alignment loss stays at
+   ~0.87): val gIoU 0.15 after 1200 steps with rope 10000 (run5); 0.05 and 0.03 at steps 300 and 600 with rope 1e6
+   and the stage-1 heads below (run6, stopped), far from the issue's target.
+
+   Stage 1 also trains, for the later stages and the methods: a head regressing, from every patch feature, SAM's
+   Fourier point code of the interior point of the object under it (normalised MSE 0.09 after 900 steps), and a
+   head on the last layer's CLS predicting which colours and shapes occur, so that CLIP's last layer (which LLaVA's
+   features skip, and PruMerge's and LVLM_CSP's CLS attention read) is trained too.
 
 All stages run under bf16 autocast (fp32 weights; about 2x faster than fp32 on AVX512-BF16 CPUs), on CPU or CUDA.
 The result is a segprune model folder with `train_log.json` (config, learning curve, final scores);
