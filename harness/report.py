@@ -273,8 +273,7 @@ def render_paper_table(frame: pd.DataFrame, notes: list[str], fmt: str = "markdo
 
 
 # -- trade-off plots --------------------------------------------------------------------------------------------
-PLOT_AXES = (("TFLOPs", "TFLOPs (exact, whole model)"), ("LLM ms", "LLM stage + scoring (ms)"),
-             ("N_avg", "N_avg (image tokens / layer)"))
+PLOT_AXES = (("TFLOPs", "TFLOPs (exact)"), ("LLM ms", "LLM ms (incl. scoring)"), ("N_avg", "N_avg"))
 
 
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -309,10 +308,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metric: str = "
         block = block.dropna(subset=[metric])
         family = block["method"].str.split("@").str[0]
         with mpl.rc_context({"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7}):
-            fig = Figure(figsize=(7.0, 2.5), layout="constrained")
-            axes = fig.subplots(1, 3)
             names = sorted(set(family[block["group"] != "baseline"]))
-            colours = dict(zip(names, mpl.colormaps["tab10"].colors * (1 + len(names) // 10), strict=False))
+            ncols = 3 if max(map(len, names), default=0) <= 28 else 2
+            legend_rows = math.ceil((len(names) + 2) / ncols)
+            fig = Figure(figsize=(7.0, 2.4 + 0.16 * legend_rows), layout="constrained")
+            axes = fig.subplots(1, 3)
+            palette = mpl.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
+            colours = dict(zip(names, palette * (1 + len(names) // len(palette)), strict=False))
             for ax, (col, label) in zip(axes, PLOT_AXES, strict=True):
                 pruned = block[block["group"] != "baseline"].dropna(subset=[col])
                 if len(pruned):
@@ -330,7 +332,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metric: str = "
                 ax.grid(alpha=0.3)
             axes[0].set_ylabel(f"{metric} (%)")
             handles, labels = axes[0].get_legend_handles_labels()
-            fig.legend(handles, labels, loc="outside right center", frameon=False)
+            fig.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False, fontsize=6)
             fig.suptitle(f"{model} ({decode})" if len(blocks) > 1 else str(model))
             stem = base if len(blocks) == 1 else base.with_name(f"{base.name}-{k}")
             for ext in ("png", "pdf"):

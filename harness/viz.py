@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,15 @@ def patch_boxes(height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
     boxes = np.stack([left + xx * side / gw, top + yy * side / gh, left + (xx + 1) * side / gw,
                       top + (yy + 1) * side / gh], -1)
     return boxes.reshape(-1, 4)
+
+
+def canonical_spec_or_none(spec: str) -> str | None:
+    from harness.runner import canonical_spec
+
+    try:
+        return canonical_spec(spec)
+    except ValueError:
+        return None
 
 
 def stages(segments: list[list[Any]], n_layers: int) -> list[tuple[int, int, list[int]]]:
@@ -49,10 +59,10 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
     run_dir = Path(run_dir)
     rows = [r for r in load_run(run_dir) if not r.get("missing")]
     if methods:
-        wanted = set(methods)
+        wanted = set(methods) | {canonical_spec_or_none(m) for m in methods}  # specs in any parameter order
         rows = [r for r in rows if r["spec"] in wanted or method_label(r["spec"]) in wanted or r["spec"] == "none"]
         found = {method_label(r["spec"]) for r in rows} | {r["spec"] for r in rows}
-        unknown = sorted(wanted - found)
+        unknown = sorted(m for m in methods if m not in found and canonical_spec_or_none(m) not in found)
         if unknown:
             raise ValueError(f"no finished cell of {', '.join(unknown)} in {run_dir}; see `segprune table {run_dir}` "
                              f"for the methods it has")
@@ -99,8 +109,8 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
             axes[i, 0].imshow(image)
             axes[i, 0].imshow(np.ma.masked_where(~gt, gt), cmap="summer", alpha=0.55, vmin=0, vmax=1)
             axes[i, 0].set_title("ground truth", fontsize=7)
-            axes[i, 0].text(-0.08, 0.5, method_label(r["spec"]), transform=axes[i, 0].transAxes, rotation=90,
-                            va="center", ha="right", fontsize=7)
+            axes[i, 0].text(-0.08, 0.5, textwrap.fill(method_label(r["spec"]).replace(",", ", "), 24),
+                            transform=axes[i, 0].transAxes, rotation=90, va="center", ha="right", fontsize=6)
             pred = decode_mask(rec["mask_rle"])
             axes[i, 1].imshow(image)
             axes[i, 1].imshow(np.ma.masked_where(~pred, pred), cmap="autumn", alpha=0.55, vmin=0, vmax=1)
