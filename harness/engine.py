@@ -148,6 +148,24 @@ def run_vision(model: SegModel, clip_pixels: Tensor, ledger: Ledger) -> VisionFe
                           layer_input=layer_input, layer=n_run - 1, tower=tower)
 
 
+def cls_attention_heads(layer: nn.Module, hidden: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
+    """The CLS row of a CLIP layer's attention, recomputed per head from the layer's input `hidden` (1, 1 + N, C),
+    CLS first: layer_norm1, q_proj of the CLS row, k_proj of every token, softmax(q k^T / sqrt(head_dim)) over all
+    keys. Returns (probs (heads, 1 + N), keys (heads, 1 + N, head_dim)) in fp32; the work is method overhead."""
+    attn = layer.self_attn
+    heads, hd = attn.num_heads, attn.head_dim
+    with ctx.overhead():
+        x = layer.layer_norm1(hidden)
+        n1, c = x.shape[1], x.shape[2]
+        q = attn.q_proj(x[:, :1]).float().view(heads, 1, hd)
+        k = attn.k_proj(x).float().view(n1, heads, hd).transpose(0, 1)  # (heads, 1 + N, hd)
+        probs = (q @ k.transpose(1, 2) * hd**-0.5).softmax(-1)[:, 0]  # (heads, 1 + N)
+    ctx.ledger.add_method_matmul(1, c, c)
+    ctx.ledger.add_method_matmul(n1, c, c)
+    ctx.ledger.add_method_matmul(1, hd, n1, times=heads)
+    return probs, k
+
+
 # -- sequence ----------------------------------------------------------------------------------------------------
 def assemble(model: SegModel, image_tokens: Tensor, patch_index: Tensor, query: str, is_sentence: bool,
              answer: bool = True) -> TokenState:

@@ -59,7 +59,7 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
     run_dir = Path(run_dir)
     rows = [r for r in load_run(run_dir) if not r.get("missing")]
     if methods:
-        wanted = set(methods) | {canonical_spec_or_none(m) for m in methods}  # specs in any parameter order
+        wanted = set(methods) | {c for m in methods if (c := canonical_spec_or_none(m))}  # any parameter order
         rows = [r for r in rows if r["spec"] in wanted or method_label(r["spec"]) in wanted or r["spec"] == "none"]
         found = {method_label(r["spec"]) for r in rows} | {r["spec"] for r in rows}
         unknown = sorted(m for m in methods if m not in found and canonical_spec_or_none(m) not in found)

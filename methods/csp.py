@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.engine import Context, VisionFeatures
+from harness.engine import Context, VisionFeatures, cls_attention_heads
 from harness.method import Method, ModelInfo, register
 from harness.state import Kind, TokenState
 
@@ -77,24 +77,13 @@ def cls_scores(feats: VisionFeatures, ctx: Context) -> Tensor:
     """Eq. 3: softmax(q_cls K_img / sqrt(d)) of CLIP's last layer, per head over all keys (CLS included), averaged
     over heads; (N,) scores of the patches. The last layer's input is the feature layer's output (LLaVA feeds the
     penultimate layer), so the one extra layer's CLS row is recomputed from it."""
-    tower = feats.tower
-    layers = tower.encoder.layers
+    layers = feats.tower.encoder.layers
     if feats.layer + 1 < len(layers):
         layer, x = layers[feats.layer + 1], torch.cat([feats.cls[:, None], feats.patches], 1)
     else:
         layer, x = layers[feats.layer], feats.layer_input
-    attn = layer.self_attn
-    heads, hd = attn.num_heads, attn.head_dim
-    with ctx.overhead():
-        x = layer.layer_norm1(x)
-        n1, c = x.shape[1], x.shape[2]
-        q = attn.q_proj(x[:, :1]).float().view(heads, 1, hd)
-        k = attn.k_proj(x).float().view(n1, heads, hd).transpose(0, 1)
-        probs = (q @ k.transpose(1, 2) * hd**-0.5).softmax(-1)  # (heads, 1, 1 + N)
-    ctx.ledger.add_method_matmul(1, c, c)
-    ctx.ledger.add_method_matmul(n1, c, c)
-    ctx.ledger.add_method_matmul(1, hd, n1, times=heads)
-    return probs[:, 0, 1:].mean(0)
+    probs, _ = cls_attention_heads(layer, x, ctx)
+    return probs[:, 1:].mean(0)
 
 
 def seg_first_indices(coverage: Tensor, n_c: int, rng: torch.Generator) -> Tensor:
@@ -182,14 +171,18 @@ class LVLMCSP(Method):
         self.cluster, self.instances, self.yolo_weights, self.conf = cluster, instances, yolo_weights, conf
         self.prune_row, self.seed = prune_row, seed
         self._yolo = None
+        self._configs: dict[ModelInfo, tuple[int, int, int, int]] = {}
 
     def config(self, info: ModelInfo) -> tuple[int, int, int, int]:
         """(L_c, N_c, L_s, N_p) on this model: given values, the preset's (else Table 1's, scaled) for the rest,
-        counts capped at N."""
+        counts capped at N (resolved once per model)."""
+        if info in self._configs:
+            return self._configs[info]
         default = preset(self.preset, info) if self.preset is not None else scale_config(TABLE1, info)
         given = (self.l_c, self.n_c, self.l_s, self.n_p)
         l_c, n_c, l_s, n_p = (d if v is None else v for v, d in zip(given, default, strict=True))
-        return l_c, min(n_c, info.n_image_tokens), l_s, min(n_p, info.n_image_tokens)
+        self._configs[info] = l_c, min(n_c, info.n_image_tokens), l_s, min(n_p, info.n_image_tokens)
+        return self._configs[info]
 
     def bind(self, info: ModelInfo) -> None:
         l_c, _, l_s, _ = self.config(info)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.engine import Context, VisionFeatures
+from harness.engine import Context, VisionFeatures, cls_attention_heads
 from harness.method import Method, ModelInfo, register
 
 OFFICIAL = (54, 10)  # the README's LLaVA-1.5 setting: 64 tokens
@@ -25,21 +25,9 @@ OFFICIAL = (54, 10)  # the README's LLaVA-1.5 setting: 64 tokens
 def cls_attention_and_metric(feats: VisionFeatures, ctx: Context) -> tuple[Tensor, Tensor]:
     """(score, metric): CLS attention to each patch summed over heads (N,) and the head-mean keys (1 + N, head_dim)
     of the feature layer, in fp32."""
-    layer = feats.tower.encoder.layers[feats.layer]
-    attn = layer.self_attn
-    heads, hd = attn.num_heads, attn.head_dim
+    probs, keys = cls_attention_heads(feats.tower.encoder.layers[feats.layer], feats.layer_input, ctx)
     with ctx.overhead():
-        x = layer.layer_norm1(feats.layer_input)  # (1, 1 + N, C)
-        n1, c = x.shape[1], x.shape[2]
-        q = attn.q_proj(x[:, :1]).float().view(heads, 1, hd)
-        k = attn.k_proj(x).float().view(n1, heads, hd).transpose(0, 1)  # (heads, 1 + N, hd)
-        probs = (q @ k.transpose(1, 2) * hd**-0.5).softmax(-1)  # (heads, 1, 1 + N)
-        score = probs[:, 0, 1:].sum(0)
-        metric = k.mean(0)
-    ctx.ledger.add_method_matmul(1, c, c)
-    ctx.ledger.add_method_matmul(n1, c, c)
-    ctx.ledger.add_method_matmul(1, hd, n1, times=heads)
-    return score, metric
+        return probs[:, 1:].sum(0), keys.mean(0)
 
 
 @register("visionzip")
