@@ -71,6 +71,8 @@ class TrainConfig:
     mask_weight: float = 1.0
     point_weight: float = 1.0
     align_weight: float = 1.0
+    value_weight: float = 1.0
+    blur_weight: float = 1.0
     eval_every: int = 300
     eval_samples: int = 120
     device: str = "cpu"
@@ -120,6 +122,12 @@ class ShapesTrainData:
             self.ann_of_sample[s.id] = max(range(len(objs)), key=lambda i: int((objs[i]["mask"] & gt).sum()))
         self.easy = [i for i, s in enumerate(self.samples) if family(s) == "attribute"]
         self._prep: dict[str, tuple[Tensor, Tensor]] = {}
+        self._targets: dict[str, dict[str, Tensor]] = {}
+
+    def patch_targets(self, image_id: str) -> dict[str, Tensor]:
+        if image_id not in self._targets:
+            self._targets[image_id] = patch_targets(self.objects[image_id])
+        return self._targets[image_id]
 
     def pixels(self, image_id: str) -> tuple[Tensor, Tensor]:
         if image_id not in self._prep:
@@ -383,9 +391,23 @@ def lisa_batch(model: SegModel, data: ShapesTrainData, idx: list[int], dev: str,
         ys, xs = np.nonzero(o["mask"])
         j = int(torch.randint(len(xs), (1,), generator=g))
         clicks.append([xs[j] + 0.5, ys[j] + 0.5])
+    targets = [data.patch_targets(s.image_id) for s in samples]
+    patch_points = torch.stack([t["point"] for t in targets]).to(dev)  # interior point of each patch's object
+    # a blurred pointer for SAM to learn from: mass m ~ U(0.3, 1) on the target's patches, the rest split between the
+    # other objects' patches and a few random patches (what an imperfect attention over image tokens delivers)
+    on = (cover > 0).float()
+    others = torch.stack([t["obj"] for t in targets]).to(dev).float() * (1 - on)
+    spikes = (-torch.rand(len(samples), n_img, generator=g).log()).pow(3).to(dev)
+    rest = 0.5 * _norm(spikes) + 0.5 * torch.where(others.sum(-1, keepdim=True) > 0, _norm(others), _norm(spikes))
+    m = (0.3 + 0.7 * torch.rand(len(samples), 1, generator=g)).to(dev)
+    blur = m * _norm(on) + (1 - m) * rest
     return dict(samples=samples, clip_px=clip_px, sam_px=sam_px, pre=torch.tensor(pre, device=dev), post=post,
                 posts=posts, seg_at=seg_at, ptr_rows=ptr_rows, query_at=query_at, gt=gt, cover=cover, points=points,
-                clicks=torch.tensor(clicks, dtype=torch.float32, device=dev))
+                clicks=torch.tensor(clicks, dtype=torch.float32, device=dev), patch_points=patch_points, blur=blur)
+
+
+def _norm(w: Tensor) -> Tensor:
+    return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
 def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInputs, pointer_layers: list[int]):
@@ -413,13 +435,7 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
     ri = torch.tensor(rows, device=dev)
     l_lm = F.cross_entropy(model.lm_head(out[ri[:, 0], ri[:, 1]]).float(), torch.tensor(targets, device=dev))
     prompt = model.text_hidden_fcs[0](h)
-    sam = model.sam
-    pe = sam.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1)
-    dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(emb)
-    low, _ = sam.mask_decoder(image_embeddings=emb, image_positional_embeddings=pe,
-                              sparse_prompt_embeddings=prompt.view(b, 1, 1, -1).to(dense.dtype),
-                              dense_prompt_embeddings=dense, multimask_output=False)
-    logits = F.interpolate(low[:, 0].float(), (256, 256), mode="bilinear", align_corners=False)[:, 0]
+    logits = decode_prompt(model, emb, prompt)
     l_bce, l_dice = mask_losses(logits, batch["gt"])
     # training-only dense supervision
     # (a) gather: every head of layer 0 spreads its attention evenly over the query's tokens at the pointer rows
@@ -428,6 +444,7 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
     q_at = batch["query_at"][:, None]  # (B, 1, T)
     a = pointer_attention(first, lm.rotary_emb, hooks.store[0], batch["ptr_rows"], head=list(range(n_heads)))
     l_gather = -((torch.log(a + 1e-6) * q_at[:, None]).sum(-1) / q_at.sum(-1)[:, None]).mean()
+    sam = model.sam
     # (b) point: head 0 of every later layer puts its attention on the target's patches
     l_ptr = torch.zeros((), device=dev)
     on_target = (batch["cover"] > 0)[:, None]  # (B, 1, n_img) patches the target touches
@@ -438,14 +455,39 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
     l_ptr = l_ptr / max(1, len(pointer_layers))
     target = point_embed.view(b, -1).float()
     l_align = F.mse_loss(prompt.float(), target) / target.var().clamp(min=1e-6)
+    # (d) value path: head 0's value at every image token of the pointer layers is the point code of the object under
+    # it, so whatever head 0 attends to arrives as a mixture of point codes
+    with torch.no_grad():
+        codes = sam_point_code(model, batch["patch_points"]).float()  # (B, n_img, code)
+    l_value = torch.zeros((), device=dev)
+    for li in pointer_layers:
+        attn, norm = lm.layers[li].self_attn, lm.layers[li].input_layernorm
+        v = attn.v_proj(norm(hooks.store[li][:, n_pre:n_pre + n_img]))[..., :attn.head_dim].float()
+        l_value = l_value + F.mse_loss(v, codes) / codes.var().clamp(min=1e-6) / len(pointer_layers)
+    # (e) SAM learns to segment the dominant object of a blurred prompt (a mixture of point codes)
+    label = sam.prompt_encoder.point_embed[1].weight.view(-1)
+    blurred = (batch["blur"][..., None] * codes).sum(1) + label
+    l_blur = sum(mask_losses(decode_prompt(model, emb, blurred), batch["gt"]))
     l_point, _ = point_prompt_loss(model, emb, batch["clicks"], batch["gt"])
     loss = (l_lm + cfg.mask_weight * (2.0 * l_bce + 0.5 * l_dice) + cfg.pointer_weight * (l_ptr + l_gather)
-            + cfg.align_weight * l_align + cfg.point_weight * l_point)
+            + cfg.align_weight * l_align + cfg.point_weight * l_point + cfg.value_weight * l_value
+            + cfg.blur_weight * l_blur)
     with torch.no_grad():
         iou = _iou_each(logits > 0, batch["gt"] > 0.5).mean()
     return loss, dict(lm=l_lm.item(), bce=l_bce.item(), dice=l_dice.item(), gather=l_gather.item(),
-                      ptr=l_ptr.item(), align=l_align.item(),
+                      ptr=l_ptr.item(), align=l_align.item(), value=l_value.item(), blur=l_blur.item(),
                       point=l_point.item(), iou=iou.item())
+
+
+def decode_prompt(model: SegModel, emb: Tensor, prompt: Tensor) -> Tensor:
+    """Mask logits (B, 256, 256) of SAM's decoder for one sparse prompt embedding per image (LISA's single-mask path)."""
+    sam, b = model.sam, len(prompt)
+    pe = sam.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1)
+    dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand_as(emb)
+    low, _ = sam.mask_decoder(image_embeddings=emb, image_positional_embeddings=pe,
+                              sparse_prompt_embeddings=prompt.view(b, 1, 1, -1).to(dense.dtype),
+                              dense_prompt_embeddings=dense, multimask_output=False)
+    return F.interpolate(low[:, 0].float(), (256, 256), mode="bilinear", align_corners=False)[:, 0]
 
 
 def reinit_decoder(lm: nn.Module, seed: int) -> None:
