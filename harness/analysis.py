@@ -7,6 +7,8 @@ For every cell with an unpruned counterpart (method `none`, same model, decode m
 - `recall_vs_drop`: Spearman correlation, over samples (`recall_vs_drop_n` of them), of the mean recall across
   layers with the IoU drop (unpruned IoU - pruned IoU); negative when losing the target's tokens costs accuracy.
   A merged token counts only for the patch it is indexed by, so recall understates pre-LLM merging methods.
+- `recall_vs_drop_by_layer`: the same correlation with each layer's recall (null where every sample kept the same
+  fraction, e.g. the layers before an in-LLM method prunes): which layer's losses predict the damage.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ def mask_agreement(a: dict, b: dict) -> float:
     ma, mb = decode_mask(a), decode_mask(b)
     union = int((ma | mb).sum())
     return 1.0 if union == 0 else int((ma & mb).sum()) / union
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rank correlation (Pearson of average ranks); None when either side is constant or n < 3."""
+    import pandas as pd
+
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    ranks = pd.DataFrame({"x": x, "y": y}).rank()
+    return float(ranks["x"].corr(ranks["y"]))
 
 
 def analyze_run(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -61,16 +73,18 @@ def analyze_run(run_dir: str | Path) -> list[dict[str, Any]]:
             pairs = [(x, base[x["sample_id"]]) for x in mine if x["sample_id"] in base]
             if pairs:
                 entry["agreement"] = float(np.mean([mask_agreement(x["mask_rle"], b["mask_rle"]) for x, b in pairs]))
-                with_recall = [(np.mean(x["gt_recall"]), b["iou"] - x["iou"]) for x, b in pairs if x.get("gt_recall")]
-                if len(with_recall) >= 3:
-                    rec, drop = np.array(with_recall).T
-                    if rec.std() > 0 and drop.std() > 0:
-                        ranks = pd.DataFrame({"recall": rec, "drop": drop}).rank()  # Spearman: Pearson of ranks
-                        entry["recall_vs_drop"] = float(ranks["recall"].corr(ranks["drop"]))
+                with_recall = [(x["gt_recall"], b["iou"] - x["iou"]) for x, b in pairs if x.get("gt_recall")]
+                if len(with_recall) >= 3 and len({len(rec) for rec, _ in with_recall}) == 1:
+                    per_layer = np.array([rec for rec, _ in with_recall], dtype=float)  # (samples, layers)
+                    drop = np.array([d for _, d in with_recall], dtype=float)
+                    overall = spearman(per_layer.mean(1), drop)
+                    if overall is not None:
+                        entry["recall_vs_drop"] = overall
+                    entry["recall_vs_drop_by_layer"] = [spearman(col, drop) for col in per_layer.T]
                     entry["recall_vs_drop_n"] = len(with_recall)
         out.append(entry)
     (run_dir / "analysis.json").write_text(json.dumps(out, indent=2))
-    flat = [{**{k: v for k, v in e.items() if k != "gt_recall"},
+    flat = [{**{k: v for k, v in e.items() if k not in ("gt_recall", "recall_vs_drop_by_layer")},
              "gt_recall_mean": float(np.mean(e["gt_recall"])) if "gt_recall" in e else float("nan"),
              "gt_recall_last": e["gt_recall"][-1] if "gt_recall" in e else float("nan")} for e in out]
     pd.DataFrame(flat).to_csv(run_dir / "analysis.csv", index=False)

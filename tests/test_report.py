@@ -141,7 +141,19 @@ def test_analysis_is_stored_with_the_run(run):
     r = by["random@75%"]
     assert 0.0 <= r["agreement"] <= 1.0
     assert r["gt_recall"][0] == 1.0 and max(r["gt_recall"][2:]) < 1.0  # random drops 75% after layer 1
+    by_layer = r["recall_vs_drop_by_layer"]
+    assert len(by_layer) == 8 and by_layer[0] is None  # every sample keeps all its tokens in layer 0: no correlation
+    assert any(c is not None for c in by_layer[2:]) and all(c is None or -1.0 <= c <= 1.0 for c in by_layer)
     assert (run / "analysis.csv").is_file()
+
+
+def test_spearman():
+    from harness.analysis import spearman
+
+    x = np.array([0.1, 0.5, 0.2, 0.9])
+    assert spearman(x, x ** 3) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(x, np.array([1.0, 4.0, 2.0, 3.0])) == pytest.approx(0.8)  # ranks 1 3 2 4 vs 1 4 2 3: 1 - 6 * 2 / 60
+    assert spearman(x, np.ones(4)) is None and spearman(x[:2], x[:2]) is None
 
 
 def test_gt_recall_counts_the_targets_patches(tiny):
