@@ -28,6 +28,16 @@ stages, each with dense supervision used in training only (inference is exactly 
    ~0.87): val gIoU 0.15 after 1200 steps with rope 10000 (run5); 0.05 and 0.03 at steps 300 and 600 with rope 1e6
    and the stage-1 heads below (run6, stopped), far from the issue's target.
 
+   Two further losses, training only: (d) head 0's value at every image token of the pointer layers regresses the
+   point code of the object under it, so that whatever head 0 attends to arrives as a mixture of point codes; (e)
+   SAM's decoder is trained on such mixtures (mass 0.3-1 on the target, the rest on other objects and random
+   patches). Measured on run6's stage 1: SAM prompted with a mixture with mass 0.6 on the target and 0.4 spread
+   over all patches segments at IoU 0.64 (0.52 if the 0.4 is on the other objects; 0.72 with the exact code), so a
+   perfect value path would make a pointer with mass 0.6 usable; but closed-form least squares after 150 steps
+   show the code lost at every hop (normalised MSE: 0.21 under the ideal attention, 0.62 under head 0's actual
+   attention, 0.70 through its values, 0.83 in the row's residual, 0.92 at the trained readout). With (d) and (e)
+   val gIoU was 0.07 at step 300 (run7, stopped), no better than run5/run6.
+
    Stage 1 also trains, for the later stages and the methods: a head regressing, from every patch feature, SAM's
    Fourier point code of the interior point of the object under it (normalised MSE 0.09 after 900 steps), and a
    head on the last layer's CLS predicting which colours and shapes occur, so that CLIP's last layer (which LLaVA's
