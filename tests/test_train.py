@@ -103,3 +103,37 @@ def test_lisa_losses_reach_the_trained_parameters(shapes_model_and_data):
         for p in params:
             p.requires_grad_(False)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_value_and_blur_losses(shapes_model_and_data):
+    """(d) and (e): the blurred pointer is a distribution with at least 0.3 of its mass on patches the target owns,
+    the value loss is zero exactly when head 0's values are the per-patch codes, and both losses reach the total."""
+    from harness.train import sam_point_code
+
+    model, data = shapes_model_and_data
+    batch = lisa_batch(model, data, [0, 1, 2], "cpu", torch.Generator().manual_seed(0),
+                       torch.Generator().manual_seed(1))
+    blur = batch["blur"]
+    assert torch.allclose(blur.sum(-1), torch.ones(3)) and bool((blur >= 0).all())
+    owned = (batch["patch_points"] == batch["points"][:, None]).all(-1)
+    assert bool(((blur * owned).sum(-1) >= 0.3 - 1e-6).all())
+    lm = model.language_model
+    hooks = LayerInputs(list(lm.layers))
+    try:
+        _, parts = lisa_losses(model, batch, TrainConfig(value_weight=1.0, blur_weight=1.0), hooks, [4, 5, 6, 7])
+        assert parts["value"] > 0.1 and parts["blur"] > 0
+        cfg = TrainConfig(value_weight=1.0, blur_weight=0.0)
+        _, before = lisa_losses(model, batch, cfg, hooks, [4])
+        attn, norm = lm.layers[4].self_attn, lm.layers[4].input_layernorm
+        n_pre = len(batch["pre"])
+        with torch.no_grad():
+            x = norm(hooks.store[4][:, n_pre:n_pre + 256]).flatten(0, 1)
+            codes = sam_point_code(model, batch["patch_points"]).flatten(0, 1)
+            saved = attn.v_proj.weight[:64].clone()
+            attn.v_proj.weight[:64] = torch.linalg.lstsq(x, codes).solution.T  # head 0's value: the best linear map
+        _, after = lisa_losses(model, batch, cfg, hooks, [4])
+        with torch.no_grad():
+            attn.v_proj.weight[:64] = saved  # the fixture's model is shared
+        assert after["value"] < 0.5 * before["value"] and after["blur"] == 0.0
+    finally:
+        hooks.remove()
