@@ -460,7 +460,6 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
     q_at = batch["query_at"][:, None]  # (B, 1, T)
     a = pointer_attention(first, lm.rotary_emb, hooks.store[0], batch["ptr_rows"], head=list(range(n_heads)))
     l_gather = -((torch.log(a + 1e-6) * q_at[:, None]).sum(-1) / q_at.sum(-1)[:, None]).mean()
-    sam = model.sam
     # (b) point: head 0 of every later layer puts its attention on the target's patches
     l_ptr = torch.zeros((), device=dev)
     on_target = (batch["cover"] > 0)[:, None]  # (B, 1, n_img) patches the target touches
@@ -487,7 +486,7 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
             v = attn.v_proj(norm(hooks.store[li][:, n_pre:n_pre + n_img]))[..., :attn.head_dim].float()
             l_value = l_value + F.mse_loss(v, codes) / codes.var().clamp(min=1e-6) / len(pointer_layers)
     if cfg.blur_weight:  # (e) SAM (decoder and image encoder) segments the dominant object of a mixture of codes
-        label = sam.prompt_encoder.point_embed[1].weight.view(-1)
+        label = model.sam.prompt_encoder.point_embed[1].weight.view(-1)
         blurred = (batch["blur"][..., None] * codes).sum(1) + label
         l_blur = sum(mask_losses(decode_prompt(model, emb, blurred), batch["gt"]))
     l_point, _ = point_prompt_loss(model, emb, batch["clicks"], batch["gt"])

@@ -106,8 +106,8 @@ def test_lisa_losses_reach_the_trained_parameters(shapes_model_and_data):
 
 
 def test_value_and_blur_losses(shapes_model_and_data):
-    """(d) and (e): the blurred pointer is a distribution with at least 0.3 of its mass on patches the target owns,
-    the value loss is zero exactly when head 0's values are the per-patch codes, and both losses reach the total."""
+    """(d) and (e): the blurred pointer is a distribution with at least 0.3 of its mass on patches the target owns;
+    the value loss falls when head 0's values are fitted to the per-patch codes; a zero weight skips a loss."""
     from harness.train import sam_point_code
 
     model, data = shapes_model_and_data
