@@ -137,3 +137,40 @@ def test_value_and_blur_losses(shapes_model_and_data):
         assert after["value"] < 0.5 * before["value"] and after["blur"] == 0.0
     finally:
         hooks.remove()
+
+
+def test_clip_losses_weigh_object_patches_and_clip_only_steps_train_clip_alone(shapes_model_and_data):
+    """The attribute CE is taken again over the object patches (a CE over every patch is mostly background), and the
+    CLIP-only steps move the CLIP tower without touching SAM."""
+    import torch.nn.functional as F
+
+    from harness.train import PatchHeads, _vision_batch, clip_losses, train_clip_more
+
+    model, data = shapes_model_and_data
+    torch.manual_seed(0)
+    heads = PatchHeads(model.vision_tower.config.hidden_size, model.sam.config.prompt_encoder_config.hidden_size)
+    _, clip_px, tt = _vision_batch(data, torch.Generator().manual_seed(0), 2, "cpu")
+    assert tt["obj"].any() and not tt["obj"].all()
+    with torch.no_grad():
+        parts = clip_losses(model, heads, clip_px, tt)
+        feats = model.vision_tower(clip_px, output_hidden_states=True).hidden_states[
+            model.config.vision_feature_layer][:, 1:]
+        on = tt["obj"].flatten()
+        expect = sum(F.cross_entropy(getattr(heads, k)(feats).flatten(0, 1), tt[k].flatten())
+                     + F.cross_entropy(getattr(heads, k)(feats).flatten(0, 1)[on], tt[k].flatten()[on])
+                     for k in ("colour", "shape", "size"))
+    assert torch.allclose(parts["patch"], expect, rtol=1e-4)
+    clip_before = [p.detach().clone() for p in model.vision_tower.parameters()]
+    sam_before = [p.detach().clone() for p in model.sam.parameters()]
+    for p in [*model.vision_tower.parameters(), *heads.parameters()]:
+        p.requires_grad_(True)
+    try:
+        train_clip_more(model, heads, data, TrainConfig(clip_steps=2, batch=2, warmup=1), lambda line: None)
+        moved = any(not torch.equal(a, b) for a, b in zip(clip_before, model.vision_tower.parameters(), strict=True))
+        kept = all(torch.equal(a, b) for a, b in zip(sam_before, model.sam.parameters(), strict=True))
+    finally:
+        model.requires_grad_(False)
+        with torch.no_grad():  # the fixture is shared: put the tower back
+            for p, old in zip(model.vision_tower.parameters(), clip_before, strict=True):
+                p.copy_(old)
+    assert moved and kept
