@@ -6,10 +6,16 @@ stages, each with dense supervision used in training only (inference is exactly 
 
 1. **Vision** (CLIP tower + SAM). The CLIP tower learns per-patch targets of the object under each patch (colour,
    shape, size class, the object's centre and area, the patch's own position) through linear heads that are then
-   thrown away, so its image tokens carry what the queries talk about. The small SamModel is trained the way SAM
-   is: a random point inside a random object, multimask output with the loss on the best of the three masks, the
-   IoU head regressed to the true IoU, plus the single-mask output for the same point. Saved as `stage1/`, so a
-   stopped run restarts after it.
+   thrown away, so its image tokens carry what the queries talk about. The attribute cross-entropy is taken over
+   every patch and again over the object patches alone: over every patch it is mostly background, and after
+   run6's stage 1 a linear probe read the shape of an object patch right only 27% of the time (1/6 is chance), so
+   no decoder could tell "the red triangle" from a red square (the pointer below plateaued at mass 0.62 whatever the
+   learning rate, clipping or key initialisation). The small SamModel is trained the way SAM is: a random point
+   inside a random object, multimask output with the loss on the best of the three masks, the IoU head regressed to
+   the true IoU, plus the single-mask output for the same point. Then `clip_steps` CLIP-only steps (a quarter of the
+   cost of a joint step): measured from run6's stage 1, 2000 of them take the shape probe on val object patches to
+   0.98 and size to 0.97, and a 2-layer decoder's pointer to mass 0.96 on the target in 250 steps. Saved as
+   `stage1/`, so a stopped run restarts after it.
 2. **LISA** (CLIP tower and SAM prompt encoder frozen, as in LISA; unlike LISA the small SAM image encoder keeps
    training, since 900 steps from scratch leave it far from SAM's quality, and SAM's point-prompt loss stays on so
    automatic mask generation keeps working). The decoder is re-initialised for its width (`reinit_decoder`).
