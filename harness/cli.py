@@ -310,14 +310,14 @@ def train() -> None:
               show_default=True, help="model folder to write")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--vision-steps", type=int, default=None, help="CLIP + SAM pre-training steps")
-@click.option("--clip-steps", type=int, default=None, help="CLIP-only steps after them")
+@click.option("--clip-steps", type=int, default=None, help="CLIP-only steps after the joint ones (0: none)")
 @click.option("--llm-steps", type=int, default=None, help="LISA-stage steps")
 @click.option("--batch", type=int, default=None)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--bundle", is_flag=True, help="also write the result as the package's bundled lisa-tiny-shapes")
 @friendly
 def train_tiny_cmd(out, seed, vision_steps, clip_steps, llm_steps, batch, device, bundle) -> None:
-    """Train lisa-tiny-shapes on shapes-ref train (about an hour on a 2-core CPU); reruns resume after stage 1."""
+    """Train lisa-tiny-shapes on shapes-ref train (about 70 minutes on a 2-core CPU); reruns resume after stage 1."""
     from harness.train import TrainConfig, train_tiny
 
     given = dict(vision_steps=vision_steps, clip_steps=clip_steps, llm_steps=llm_steps, batch=batch)

@@ -152,7 +152,7 @@ def test_clip_losses_weigh_object_patches_and_clip_only_steps_train_clip_alone(s
     _, clip_px, tt = _vision_batch(data, torch.Generator().manual_seed(0), 2, "cpu")
     assert tt["obj"].any() and not tt["obj"].all()
     with torch.no_grad():
-        parts = clip_losses(model, heads, clip_px, tt)
+        parts, _ = clip_losses(model, heads, clip_px, tt)
         feats = model.vision_tower(clip_px, output_hidden_states=True).hidden_states[
             model.config.vision_feature_layer][:, 1:]
         on = tt["obj"].flatten()
@@ -162,15 +162,16 @@ def test_clip_losses_weigh_object_patches_and_clip_only_steps_train_clip_alone(s
     assert torch.allclose(parts["patch"], expect, rtol=1e-4)
     clip_before = [p.detach().clone() for p in model.vision_tower.parameters()]
     sam_before = [p.detach().clone() for p in model.sam.parameters()]
-    for p in [*model.vision_tower.parameters(), *heads.parameters()]:
-        p.requires_grad_(True)
+    model.train().requires_grad_(True)  # as the joint steps leave it: SAM could take a step if it were optimised
     try:
         train_clip_more(model, heads, data, TrainConfig(clip_steps=2, batch=2, warmup=1), lambda line: None)
         moved = any(not torch.equal(a, b) for a, b in zip(clip_before, model.vision_tower.parameters(), strict=True))
         kept = all(torch.equal(a, b) for a, b in zip(sam_before, model.sam.parameters(), strict=True))
     finally:
-        model.requires_grad_(False)
+        model.eval().requires_grad_(False)
         with torch.no_grad():  # the fixture is shared: put the tower back
+            for p in model.parameters():
+                p.grad = None
             for p, old in zip(model.vision_tower.parameters(), clip_before, strict=True):
                 p.copy_(old)
     assert moved and kept
