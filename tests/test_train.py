@@ -175,3 +175,36 @@ def test_clip_losses_weigh_object_patches_and_clip_only_steps_train_clip_alone(s
             for p, old in zip(model.vision_tower.parameters(), clip_before, strict=True):
                 p.copy_(old)
     assert moved and kept
+
+
+def test_wired_copy_circuit_keeps_the_code_and_reads_it_out(shapes_model_and_data):
+    """After `wire_copy_circuit`, nothing writes to the image tokens' code dims at any layer, head 0 of the later
+    layers writes exactly what it attends to into the read dims, and text_hidden_fcs passes those through."""
+    import copy
+
+    from harness.train import wire_copy_circuit
+
+    model, data = shapes_model_and_data
+    model = copy.deepcopy(model)
+    reinit_decoder(model.language_model, 0)
+    nmse = wire_copy_circuit(model, data, n_images=4)
+    assert 0 <= nmse < 1
+    lm, c = model.language_model, model.sam.config.prompt_encoder_config.hidden_size
+    hooks = LayerInputs(list(lm.layers))
+    torch.manual_seed(0)
+    img = model.projector(torch.randn(1, 256, model.vision_tower.config.hidden_size))
+    x = torch.cat([lm.embed_tokens(torch.tensor([[1, 20, 21]])), img, lm.embed_tokens(torch.tensor([[30, 31]]))], 1)
+    with torch.no_grad():
+        lm(inputs_embeds=x)
+        for i in range(1, len(lm.layers)):
+            assert torch.allclose(hooks.store[i][:, :, :c], x[:, :, :c], atol=1e-5)  # the code dims are never written
+        layer = lm.layers[3]
+        rows = torch.tensor([[x.shape[1] - 1]])
+        probs = pointer_attention(layer, lm.rotary_emb, hooks.store[3], rows)[0, 0]  # head 0's attention
+        normed = layer.input_layernorm(hooks.store[3])[0]
+        delta = hooks.store[4][0, -1, c:2 * c] - hooks.store[3][0, -1, c:2 * c]
+        assert torch.allclose(delta, probs @ normed[:, :c], atol=1e-4)  # head 0 copies the code it attends to
+        h = torch.randn(2, lm.config.hidden_size)
+        label = model.sam.prompt_encoder.point_embed[1].weight.view(-1)
+        assert torch.allclose(model.text_hidden_fcs[0](h), h[:, c:2 * c] + label, atol=1e-5)
+    hooks.remove()
