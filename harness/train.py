@@ -93,7 +93,7 @@ class TrainConfig:
     align_weight: float = 1.0
     value_weight: float = 0.0  # (d) and (e) in the module docstring: measured, not better (run7); off by default
     blur_weight: float = 0.0
-    wire_copy: bool = False  # a copy circuit set at initialisation (`wire_copy_circuit`); measured better, not yet run
+    wire_copy: bool = False  # `wire_copy_circuit`: better in a 250-step diagnostic, no full run yet
     eval_every: int = 300
     eval_samples: int = 120
     device: str = "cpu"
@@ -632,7 +632,8 @@ def wire_copy_circuit(model: SegModel, data: ShapesTrainData, n_images: int = 30
                 attn.v_proj.weight[:hd, a] = eye
                 attn.o_proj.weight[:, :hd] = 0
                 attn.o_proj.weight[b, :hd] = eye
-        fc1.weight.zero_(), fc1.bias.zero_(), fc2.weight.zero_()
+        for t in (fc1.weight, fc1.bias, fc2.weight):
+            t.zero_()
         fc1.weight[:c, b], fc1.weight[c:2 * c, b] = eye, -eye
         fc2.weight[:, :c], fc2.weight[:, c:2 * c] = eye, -eye
         fc2.bias.copy_(model.sam.prompt_encoder.point_embed[1].weight.view(-1))
