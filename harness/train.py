@@ -209,6 +209,14 @@ def mask_losses(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return F.binary_cross_entropy_with_logits(logits, target), _dice_each(logits, target).mean()
 
 
+def _step(opt: torch.optim.Optimizer, loss: Tensor, params: list[Tensor]) -> None:
+    """One optimiser step with the gradient norm clipped to 1, as every stage takes it."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def lr_at(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -307,10 +315,7 @@ def train_vision(model: SegModel, data: ShapesTrainData, cfg: TrainConfig, log) 
             emb = model.sam.vision_encoder(sam_px).last_hidden_state  # not get_image_embeddings: it is no_grad
             l_sam, best_iou = point_prompt_loss(model, emb, points_t, gt)
         loss = sum(parts.values()) + l_sam
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _step(opt, loss, params)
         if step % 50 == 0 or step == cfg.vision_steps - 1:
             log(f"vision {step:5d}/{cfg.vision_steps} loss {loss.item():.3f} "
                 + " ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
@@ -341,10 +346,7 @@ def train_clip_more(model: SegModel, heads: PatchHeads, data: ShapesTrainData, c
         with torch.autocast(cfg.device, dtype=torch.bfloat16):
             parts, shape_acc = clip_losses(model, heads, clip_px, tt)
         loss = sum(parts.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _step(opt, loss, params)
         if step % 100 == 0 or step == cfg.clip_steps - 1:
             log(f"clip {step:5d}/{cfg.clip_steps} loss {loss.item():.3f} "
                 + " ".join(f"{k} {v.item():.3f}" for k, v in parts.items())
@@ -672,10 +674,7 @@ def train_lisa(model: SegModel, data: ShapesTrainData, cfg: TrainConfig, log, ev
                 loss, parts = lisa_losses(model, batch, cfg, hooks, pointer_layers)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at LISA step {step}: {parts}; lower --llm-lr or report it")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            _step(opt, loss, params)
             for k, v in parts.items():
                 run[k] = 0.9 * run.get(k, v) + 0.1 * v
             if step % 25 == 0 or step == cfg.llm_steps - 1:
