@@ -56,7 +56,7 @@ def test_training_forward_gives_the_inference_seg_embedding(shapes_model_and_dat
     captured = {}
     handle = model.text_hidden_fcs[0].register_forward_hook(lambda m, i, o: captured.update(h=i[0]))
     try:
-        loss, parts = lisa_losses(model, batch, TrainConfig(), hooks, [4, 5, 6, 7])
+        loss, parts = lisa_losses(model, batch, TrainConfig(blur_weight=0.0), hooks, [4, 5, 6, 7])
     finally:
         hooks.remove()
         handle.remove()
@@ -96,7 +96,7 @@ def test_lisa_losses_reach_the_trained_parameters(shapes_model_and_data):
         p.requires_grad_(True)
     hooks = LayerInputs(list(lm.layers))
     try:
-        loss, _ = lisa_losses(model, batch, TrainConfig(), hooks, [4, 5, 6, 7])
+        loss, _ = lisa_losses(model, batch, TrainConfig(blur_weight=0.0), hooks, [4, 5, 6, 7])
         loss.backward()
     finally:
         hooks.remove()
