@@ -17,7 +17,7 @@ from harness.datasets.refer import safe_load_pickle
 from harness.datasets.shapes import COLOURS, SHAPES, SIZES, generate
 from harness.model import BUNDLED, tiny_tokenizer
 
-BUNDLED_GIOU_FLOOR = 0.5  # unpruned gIoU on the first 24 val queries; random weights score ~0.02
+BUNDLED_GIOU_FLOOR = 0.5  # unpruned gIoU on the first 24 val queries: 0.68 bundled, ~0.16 with an untrained decoder
 
 
 def _refer_root(tmp_path, rle: bool = True):
