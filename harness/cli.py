@@ -317,7 +317,7 @@ def train() -> None:
 @click.option("--bundle", is_flag=True, help="also write the result as the package's bundled lisa-tiny-shapes")
 @friendly
 def train_tiny_cmd(out, seed, vision_steps, clip_steps, llm_steps, batch, device, bundle) -> None:
-    """Train lisa-tiny-shapes on shapes-ref train (about 70 minutes on a 2-core CPU); reruns resume after stage 1."""
+    """Train lisa-tiny-shapes on shapes-ref train (about 75 minutes on a 2-core CPU); reruns resume after stage 1."""
     from harness.train import TrainConfig, train_tiny
 
     given = dict(vision_steps=vision_steps, clip_steps=clip_steps, llm_steps=llm_steps, batch=batch)

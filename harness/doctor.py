@@ -61,7 +61,7 @@ def checks() -> list[tuple[str, bool, str]]:
         if (BUNDLED / "model.safetensors").is_file():
             out = f"lisa-tiny-shapes {load_bundled().fingerprint()} (checksum ok)"
         else:
-            out = "lisa-tiny-shapes not bundled in this version (random:tiny is built in)"
+            out = "lisa-tiny-shapes weights missing (reinstall segprune; random:tiny is built in)"
         if BUNDLED_YOLO.is_file():
             load_yolo()
             out += f", {BUNDLED_YOLO.name} (checksum ok)"

@@ -48,9 +48,10 @@ stages, each with dense supervision used in training only (inference is exactly 
    val gIoU was 0.07 at step 300 (run7, stopped), no better than run5/run6. Instead the copy is wired into the
    initial weights (`wire_copy_circuit`, on by default, with (e)): val gIoU 0.15 at step 300 (run9, stopped), where
    its train IoU on attribute queries, 0.22 at step 225, fell back to 0.12 once every family came in (step 240);
-   in a 200-step attribute-only diagnostic (/work/diag9/scale.py) train IoU went 0.19 -> 0.40 over steps 150-200 and
-   val attribute queries segmented at IoU 0.46 (0.85 with the exact point code as the prompt). Hence attribute
-   queries alone for the first half of the stage.
+   in a 200-step attribute-only diagnostic (a scratch script, not in the repository) train IoU went 0.19 -> 0.40
+   over steps 150-200 and val attribute queries segmented at IoU 0.46 (0.85 with the exact point code as the
+   prompt). Hence attribute queries alone for the first half of the stage: run10, the bundled model, reached val
+   gIoU 0.63 (README).
 
    Stage 1 also trains, for the later stages and the methods: a head regressing, from every patch feature, SAM's
    Fourier point code of the interior point of the object under it (normalised MSE 0.09 after 900 steps), and a
@@ -561,6 +562,8 @@ def lisa_losses(model: SegModel, batch: dict, cfg: TrainConfig, hooks: LayerInpu
             v = attn.v_proj(norm(hooks.store[li][:, n_pre:n_pre + n_img]))[..., :attn.head_dim].float()
             l_value = l_value + F.mse_loss(v, codes) / codes.var().clamp(min=1e-6) / len(pointer_layers)
     if cfg.blur_weight:  # (e) SAM (decoder and image encoder) segments the dominant object of a mixture of codes
+        if batch["blur"] is None:
+            raise ValueError("blur_weight > 0 needs a batch built with a blur generator (lisa_batch(..., blur_g))")
         label = model.sam.prompt_encoder.point_embed[1].weight.view(-1)
         blurred = (batch["blur"][..., None] * codes).sum(1) + label
         l_blur = sum(mask_losses(decode_prompt(model, emb, blurred), batch["gt"]))
@@ -608,7 +611,7 @@ def wire_copy_circuit(model: SegModel, data: ShapesTrainData, n_images: int = 30
     first, whose value reads A and whose output writes B; `text_hidden_fcs` passes B through (as ReLU(B) - ReLU(-B))
     plus SAM's positive-label embedding. So whatever head 0 attends to (the pointer loss puts it on the target) reaches
     SAM as a mixture of point codes. Measured on run8's stage 1, 250 steps of attribute queries with the blur loss:
-    val gIoU 0.22 with the circuit against 0.14 without (/work/diag/wire.py, issue 3 note). Returns the projector
+    val gIoU 0.22 with the circuit against 0.14 without (a scratch diagnostic; issue 3 note). Returns the projector
     fit's normalised MSE."""
     lm = model.language_model
     c = model.sam.config.prompt_encoder_config.hidden_size
@@ -619,18 +622,18 @@ def wire_copy_circuit(model: SegModel, data: ShapesTrainData, n_images: int = 30
                          f"size of at least {3 * c} ({d}) and text_hidden_fcs at least {2 * c} wide; set "
                          "wire_copy=False for this architecture")
     a, b = slice(0, c), slice(c, 2 * c)
-    xs, ys = [], []
+    xs, ys, dev = [], [], model.projector.weight.device
     with torch.no_grad():
         for iid in data.image_ids[:n_images]:
-            xs.append(clip_patch_features(model, data.pixels(iid)[0][None].float())[0].float())
-            ys.append(sam_point_code(model, data.patch_targets(iid)["point"]).float())
-        x = torch.cat([torch.cat(xs), torch.ones(sum(len(t) for t in xs), 1)], 1)
+            xs.append(clip_patch_features(model, data.pixels(iid)[0][None].to(dev, torch.float32))[0].float())
+            ys.append(sam_point_code(model, data.patch_targets(iid)["point"].to(dev)).float())
+        x = torch.cat([torch.cat(xs), torch.ones(sum(len(t) for t in xs), 1, device=dev)], 1)
         y = torch.cat(ys)
-        w = torch.linalg.solve(x.T @ x + 1e-2 * torch.eye(x.shape[1]), x.T @ y)
+        w = torch.linalg.solve(x.T @ x + 1e-2 * torch.eye(x.shape[1], device=dev), x.T @ y)
         nmse = float(((x @ w - y) ** 2).mean() / y.var())
         model.projector.weight[a], model.projector.bias[a] = w[:-1].T, w[-1]
         model.projector.weight[b], model.projector.bias[b] = 0, 0
-        eye = torch.eye(c)
+        eye = torch.eye(c, device=dev)
         lm.embed_tokens.weight[:, :2 * c] = 0
         for i, layer in enumerate(lm.layers):
             attn = layer.self_attn

@@ -135,6 +135,9 @@ def test_value_and_blur_losses(shapes_model_and_data):
         with torch.no_grad():
             attn.v_proj.weight[:64] = saved  # the fixture's model is shared
         assert after["value"] < 0.5 * before["value"] and after["blur"] == 0.0
+        no_blur = lisa_batch(model, data, [0, 1, 2], "cpu", torch.Generator().manual_seed(0))
+        with pytest.raises(ValueError, match="blur generator"):
+            lisa_losses(model, no_blur, TrainConfig(blur_weight=1.0), hooks, [4])
     finally:
         hooks.remove()
 
