@@ -118,14 +118,16 @@ class LVLMCSP(Method):
     (L_c + L_s - 1), recomputed from that layer's input; `prune_row=seg_source` ranks with the token before [SEG]
     (LISA's mask source) instead. Seg-First's realised token count depends on the image: below N_c when the floors
     of eq. 4 leave budget over (it is not redistributed, and background is never chosen), above it when more
-    instances than N_c each take their one token; an image with no instance falls back to `uniform`. Its instance
+    instances than N_c each take their one token; an image with no instance falls back to `uniform`. `fill=prune`
+    spends the difference in the pruning stage instead (see Args), so the image's N_avg is eq. 9's. Its instance
     segmenter runs in a latency stage of its own ("instances"); its FLOPs (the network at its letterboxed input,
     plus the mask prototypes' matmul per detection) are method overhead.
 
     Budget mapping: starts from the Table 6 preset nearest the target reduction (the model's own block, else scaled),
     keeps its L_c, L_s and N_p and solves N_c from eq. 9 (rounded); when N_c would exceed N it keeps N_c = N and
-    solves N_p; if neither fits, the neighbouring presets are tried. Seg-First's realised N_avg differs from the
-    target by its count rule above (the budget is met by the nominal N_c).
+    solves N_p; if neither fits, the neighbouring presets are tried. With Seg-First the mapping also sets
+    `fill=prune` (unless fill is given), so every image meets the target whatever its instances leave over: the
+    paper leaves that budget unused, which ran `csp@50%` at N_avg 74 instead of 128 on the bundled model.
 
     Args:
         l_c: L_c, decoder layers of the clustering stage.
@@ -140,6 +142,10 @@ class LVLMCSP(Method):
         conf: YOLO confidence threshold (the paper gives none; ultralytics' default).
         prune_row: the attention row that ranks tokens for pruning: seg (the [SEG] token, eq. 8; in generate mode's
             prefill, which has no [SEG] yet, the prompt's last token) or seg_source (the token before [SEG]).
+        fill: what becomes of the clustering budget Seg-First leaves unused, N_c - |S| tokens in each of the L_c
+            layers: none (the paper: unused, the image runs below the nominal N_avg) or prune (spent in the pruning
+            stage, whose count becomes N_p + round((N_c - |S|) L_c / L_p), at least 1 and at most N; fewer than N_p when
+            |S| > N_c). No effect on the other modules, whose |S| is N_c.
         seed: seed of random clustering and of Seg-First's sampling inside instances.
     """
 
@@ -154,14 +160,17 @@ class LVLMCSP(Method):
                   "attention (eq. 3) from CLIP's last layer, one layer after LLaVA's features, as the mean of per-head "
                   "softmaxes over all keys; pruning attention (eq. 8) as the head mean; an instance owns the patches "
                   "it covers at least half (its most covered one if none); YOLO at ultralytics' default thresholds; "
-                  "no instance found -> uniform clustering")
+                  "no instance found -> uniform clustering; a budget (@70%) with seg_first spends the clustering "
+                  "budget its instances leave unused in the pruning stage (fill=prune) so every image meets it, "
+                  "where the paper leaves it unused (fill=none, the default of an explicit setting)")
     budget_params = ("l_c", "n_c", "l_s", "n_p", "preset")
 
     def __init__(self, l_c: int | None = None, n_c: int | None = None, l_s: int | None = None,
                  n_p: int | None = None, preset: Literal[65, 70, 75, 80, 85, 90] | None = None,
                  cluster: Literal["random", "uniform", "cls", "seg_first"] = "seg_first",
                  instances: Literal["yolo", "oracle"] = "yolo", yolo_weights: str | None = None, conf: float = 0.25,
-                 prune_row: Literal["seg", "seg_source"] = "seg", seed: int = 0):
+                 prune_row: Literal["seg", "seg_source"] = "seg", fill: Literal["none", "prune"] = "none",
+                 seed: int = 0):
         for name, v in (("l_c", l_c), ("n_c", n_c), ("l_s", l_s), ("n_p", n_p)):
             if v is not None and v < 1:
                 raise ValueError(f"csp: {name} must be >= 1, got {v}")
@@ -169,7 +178,7 @@ class LVLMCSP(Method):
             raise ValueError(f"csp: conf is a detection confidence in (0, 1), got {conf}")
         self.l_c, self.n_c, self.l_s, self.n_p, self.preset = l_c, n_c, l_s, n_p, preset
         self.cluster, self.instances, self.yolo_weights, self.conf = cluster, instances, yolo_weights, conf
-        self.prune_row, self.seed = prune_row, seed
+        self.prune_row, self.fill, self.seed = prune_row, fill, seed
         self._yolo = None
         self._configs: dict[ModelInfo, tuple[int, int, int, int]] = {}
 
@@ -241,12 +250,24 @@ class LVLMCSP(Method):
         held[selected] = False  # rows of the image block are in patch order
         return state.hold(HELD, img[held]) if bool(held.any()) else state
 
+    def pruned_count(self, ctx: Context) -> int:
+        """N_p of this image: the configured one, plus with `fill=prune` the clustering budget left unused."""
+        l_c, n_c, l_s, n_p = self.config(ctx.info)
+        l_p = ctx.info.n_layers - l_c - l_s
+        if self.fill == "none" or l_p < 1:
+            return n_p
+        unused = (n_c - len(ctx.scratch["csp_selected"])) * l_c
+        return min(max(1, n_p + round(unused / l_p)), ctx.info.n_image_tokens)
+
     def before_layer(self, i: int, state: TokenState, ctx: Context) -> TokenState:
-        l_c, _, l_s, n_p = self.config(ctx.info)
+        l_c, _, l_s, _ = self.config(ctx.info)
         if i == l_c and HELD in state.held:
             state = state.release(HELD)
         prune_at = l_c + l_s
-        if prune_at >= ctx.info.n_layers or n_p >= state.n_image:
+        if prune_at >= ctx.info.n_layers:
+            return state
+        n_p = self.pruned_count(ctx)
+        if n_p >= state.n_image:
             return state
         if i == prune_at - 1:
             ctx.scratch["csp_input"] = state  # the last scattering layer's input: its attention ranks the tokens
@@ -264,12 +285,14 @@ class LVLMCSP(Method):
         l_c, n_c, l_s, n_p = self.config(info)
         n = info.n_image_tokens
         if self.cluster == "seg_first" and n_c < n:
-            return None  # Seg-First's count depends on the image
+            return None  # Seg-First's counts depend on the image (with fill=prune only per layer, not their mean)
         return [n_c] * l_c + [n] * l_s + [n_p] * (info.n_layers - l_c - l_s)
 
     @classmethod
     def for_budget(cls, info: ModelInfo, n_avg_target: float, **fixed) -> LVLMCSP:
         n, layers = info.n_image_tokens, info.n_layers
+        if fixed.get("cluster", "seg_first") == "seg_first":
+            fixed = {"fill": "prune", **fixed}  # meet the budget per image (see the class docstring)
         reduction = 100 * (1 - n_avg_target / n)
         for ratio in sorted(PRESETS, key=lambda r: abs(r - reduction)):
             l_c, _, l_s, n_p = preset(ratio, info)

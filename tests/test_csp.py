@@ -199,6 +199,29 @@ def test_budget_mapping_meets_the_target(tiny, budget):
     assert sum(m.image_schedule(tiny.info)) / 8 == pytest.approx((1 - budget) * 256, abs=0.02 * 256)
 
 
+def test_fill_spends_seg_firsts_unused_budget_in_the_pruning_stage(tiny, scene):
+    spec = "csp:l_c=2,n_c=64,l_s=2,n_p=8,cluster=seg_first,instances=oracle"
+    paper = Recorder(**create_method(spec).params())
+    r = tiny.segment(scene.image, scene.query, paper, instances=scene.instances)
+    chosen = len(paper.selected)
+    assert chosen < 64  # the paper's count rule leaves budget over on this scene
+    assert r.trace.image_tokens_per_layer == [chosen] * 2 + [256] * 2 + [8] * 4
+    r = tiny.segment(scene.image, scene.query, spec + ",fill=prune", instances=scene.instances)
+    assert r.trace.image_tokens_per_layer == [chosen] * 2 + [256] * 2 + [8 + round((64 - chosen) * 2 / 4)] * 4
+    assert r.trace.n_avg == pytest.approx(n_avg(2, 64, 2, 8, 256, 8), abs=0.5 * 4 / 8)
+
+
+@pytest.mark.parametrize("budget", ["50%", "70%", "80%"])
+def test_seg_first_budget_is_met_per_image(tiny, budget):
+    m = create_method(f"csp:instances=oracle@{budget}", info=tiny.info)
+    assert m.fill == "prune" and m.cluster == "seg_first"
+    target = (1 - float(budget[:-1]) / 100) * 256
+    for s in load_dataset("shapes-ref", "val", limit=3):
+        r = tiny.segment(s.image, s.query, m, instances=s.instances)
+        assert r.trace.n_avg == pytest.approx(target, abs=0.02 * 256)
+    assert create_method(f"csp:fill=none,instances=oracle@{budget}", info=tiny.info).fill == "none"
+
+
 INFO8 = ModelInfo(n_layers=8, n_image_tokens=256, grid=(16, 16), hidden_size=64, n_heads=4, n_kv_heads=2,
                   head_dim=16, intermediate_size=128, vision_layers=3, vision_hidden_size=64)
 
