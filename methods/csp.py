@@ -19,6 +19,7 @@ in `harness.flops`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Literal
 
@@ -44,6 +45,10 @@ TABLE6 = {  # Table 6's own blocks, by (decoder layers, image tokens): used as g
                 90: (12, 32, 2, 8)},  # LLaVA-1.5-13B at 224 px
 }
 HELD = "csp"  # name of the held-back tokens in the token state
+
+
+def _default(param: str):
+    return inspect.signature(LVLMCSP).parameters[param].default
 
 
 def preset(ratio: int, info: ModelInfo) -> tuple[int, int, int, int]:
@@ -89,9 +94,10 @@ def cls_scores(feats: VisionFeatures, ctx: Context) -> Tensor:
 def seg_first_indices(coverage: Tensor, n_c: int, rng: torch.Generator) -> Tensor:
     """Eq. 4-5: S_o[i] = max(1, floor(N_c area_i / sum_j area_j)) tokens drawn uniformly without replacement from
     instance i's patches (those at least half covered; the most covered one for an instance smaller than a patch),
-    capped at the instance's patch count; S is the union. Background is never chosen and a budget the floors leave
-    over stays unused, as in the paper (its Table 4 N_avg of Seg-First is below eq. 9's with the nominal N_c); the
-    at-least-one rule can also take |S| above N_c when there are more instances than N_c."""
+    capped at the instance's patch count; S is the union. Background is never chosen, and what the caps, the floors
+    and overlapping instances leave of N_c stays unused, as in the paper (its Table 4 N_avg of Seg-First is below
+    eq. 9's with the nominal N_c); the at-least-one rule can also take |S| above N_c when there are more instances
+    than N_c."""
     area = coverage.sum(1)
     coverage, area = coverage[area > 0], area[area > 0]
     chosen: list[Tensor] = []
@@ -116,18 +122,22 @@ class LVLMCSP(Method):
 
     Pruning ranks the image tokens by the head-mean attention of the [SEG] row (eq. 8) in the last scattering layer
     (L_c + L_s - 1), recomputed from that layer's input; `prune_row=seg_source` ranks with the token before [SEG]
-    (LISA's mask source) instead. Seg-First's realised token count depends on the image: below N_c when the floors
-    of eq. 4 leave budget over (it is not redistributed, and background is never chosen), above it when more
-    instances than N_c each take their one token; an image with no instance falls back to `uniform`. `fill=prune`
-    spends the difference in the pruning stage instead (see Args), so the image's N_avg is eq. 9's. Its instance
+    (LISA's mask source) instead. Seg-First's realised token count |S| depends on the image: below N_c when the
+    instances cover fewer patches than their shares (each takes at most its own patches, background is never
+    chosen) or the floors of eq. 4 leave a remainder, above it when more instances than N_c each take their one
+    token; an image with no instance falls back to `uniform`. The paper leaves the difference unused; `fill=prune`
+    moves it to the pruning stage (see Args), so the image's N_avg is eq. 9's to within rounding unless the pruning
+    count reaches 1 or N. Its instance
     segmenter runs in a latency stage of its own ("instances"); its FLOPs (the network at its letterboxed input,
     plus the mask prototypes' matmul per detection) are method overhead.
 
     Budget mapping: starts from the Table 6 preset nearest the target reduction (the model's own block, else scaled),
     keeps its L_c, L_s and N_p and solves N_c from eq. 9 (rounded); when N_c would exceed N it keeps N_c = N and
     solves N_p; if neither fits, the neighbouring presets are tried. With Seg-First the mapping also sets
-    `fill=prune` (unless fill is given), so every image meets the target whatever its instances leave over: the
-    paper leaves that budget unused, which ran `csp@50%` at N_avg 74 instead of 128 on the bundled model.
+    `fill=prune` (unless fill is given), so an image meets the target whatever its instances leave unused (the
+    paper's rule ran `csp@50%` at N_avg 74 instead of 128 on the bundled model); it then only takes a setting whose
+    pruning stage can absorb the whole clustering budget (N_p + (N_c - 1) L_c / L_p <= N), which needs a reduction
+    of at least about L_c / L (25% with L_c = 2 of 8 layers).
 
     Args:
         l_c: L_c, decoder layers of the clustering stage.
@@ -162,7 +172,7 @@ class LVLMCSP(Method):
                   "it covers at least half (its most covered one if none); YOLO at ultralytics' default thresholds; "
                   "no instance found -> uniform clustering; a budget (@70%) with seg_first spends the clustering "
                   "budget its instances leave unused in the pruning stage (fill=prune) so every image meets it, "
-                  "where the paper leaves it unused (fill=none, the default of an explicit setting)")
+                  "where the paper leaves it unused (fill=none, the default when no budget is given)")
     budget_params = ("l_c", "n_c", "l_s", "n_p", "preset")
 
     def __init__(self, l_c: int | None = None, n_c: int | None = None, l_s: int | None = None,
@@ -291,17 +301,27 @@ class LVLMCSP(Method):
     @classmethod
     def for_budget(cls, info: ModelInfo, n_avg_target: float, **fixed) -> LVLMCSP:
         n, layers = info.n_image_tokens, info.n_layers
-        if fixed.get("cluster", "seg_first") == "seg_first":
+        if fixed.get("cluster", _default("cluster")) == "seg_first":
             fixed = {"fill": "prune", **fixed}  # meet the budget per image (see the class docstring)
+        fill = fixed.get("fill", _default("fill")) == "prune"
         reduction = 100 * (1 - n_avg_target / n)
+        no_room = False
         for ratio in sorted(PRESETS, key=lambda r: abs(r - reduction)):
             l_c, _, l_s, n_p = preset(ratio, info)
             l_p = layers - l_c - l_s
             n_c = round((n_avg_target * layers - n * l_s - n_p * l_p) / l_c)
             if n_c > n and l_p > 0:  # a mild budget: every token in clustering, solve the pruning count
                 n_c, n_p = n, round((n_avg_target * layers - n * (l_c + l_s)) / l_p)
-            if 1 <= n_c <= n and 1 <= n_p <= n:
-                return cls(**{**fixed, "l_c": l_c, "n_c": n_c, "l_s": l_s, "n_p": n_p})
+            if not (1 <= n_c <= n and 1 <= n_p <= n):
+                continue
+            if fill and (l_p < 1 or n_p + math.ceil((n_c - 1) * l_c / l_p) > n):
+                no_room = True  # an image with one selected token would leave budget the pruning stage cannot take
+                continue
+            return cls(**{**fixed, "l_c": l_c, "n_c": n_c, "l_s": l_s, "n_p": n_p})
+        if no_room:
+            raise ValueError(f"csp: N_avg {n_avg_target:.1f} cannot be met on every image with seg_first's "
+                             f"fill=prune (its pruning stage cannot take the whole clustering budget); ask for a "
+                             f"larger reduction, or give fill=none (the paper's rule, below the budget)")
         lowest = (n + layers - 1) / layers  # one scattering layer, one token everywhere else
         raise ValueError(f"csp: N_avg {n_avg_target:.1f} is out of reach of the Table 6 presets on {layers} layers "
                          f"(reachable: {lowest:.1f} to {n}, a scattering layer alone costing N / L); ask for a budget "

@@ -206,12 +206,31 @@ def test_fill_spends_seg_firsts_unused_budget_in_the_pruning_stage(tiny, scene):
     chosen = len(paper.selected)
     assert chosen < 64  # the paper's count rule leaves budget over on this scene
     assert r.trace.image_tokens_per_layer == [chosen] * 2 + [256] * 2 + [8] * 4
+    for mode in ("template", "generate"):
+        r = tiny.segment(scene.image, scene.query, spec + ",fill=prune", instances=scene.instances, decode=mode,
+                         max_new_tokens=2)
+        assert r.trace.image_tokens_per_layer[:4] == [chosen] * 2 + [256] * 2
+        assert r.trace.n_avg == pytest.approx(n_avg(2, 64, 2, 8, 256, 8), abs=0.5 * 4 / 8)  # rounding of N_p
+
+
+def test_fill_takes_back_what_extra_instances_took(tiny, scene):
+    spec = "csp:l_c=2,n_c=1,l_s=2,n_p=8,cluster=seg_first,instances=oracle"
+    over = Recorder(**create_method(spec).params())
+    tiny.segment(scene.image, scene.query, over, instances=scene.instances)
+    assert len(over.selected) > 1  # one token per instance, more than N_c
     r = tiny.segment(scene.image, scene.query, spec + ",fill=prune", instances=scene.instances)
-    assert r.trace.image_tokens_per_layer == [chosen] * 2 + [256] * 2 + [8 + round((64 - chosen) * 2 / 4)] * 4
-    assert r.trace.n_avg == pytest.approx(n_avg(2, 64, 2, 8, 256, 8), abs=0.5 * 4 / 8)
+    assert r.trace.image_tokens_per_layer[-1] < 8
+    assert r.trace.n_avg == pytest.approx(n_avg(2, 1, 2, 8, 256, 8), abs=0.5 * 4 / 8)
 
 
-@pytest.mark.parametrize("budget", ["50%", "70%", "80%"])
+def test_fill_changes_nothing_for_the_other_modules(tiny, image):
+    spec = "csp:l_c=2,n_c=32,l_s=2,n_p=8,cluster=uniform"
+    assert tiny.segment(image, QUERY, spec + ",fill=prune").trace.image_tokens_per_layer == \
+        tiny.segment(image, QUERY, spec).trace.image_tokens_per_layer
+    assert create_method("csp:cluster=uniform@70%", info=tiny.info).fill == "none"
+
+
+@pytest.mark.parametrize("budget", ["50%", "80%"])  # with fill=none: N_avg 74 and 43, far off
 def test_seg_first_budget_is_met_per_image(tiny, budget):
     m = create_method(f"csp:instances=oracle@{budget}", info=tiny.info)
     assert m.fill == "prune" and m.cluster == "seg_first"
@@ -220,6 +239,13 @@ def test_seg_first_budget_is_met_per_image(tiny, budget):
         r = tiny.segment(s.image, s.query, m, instances=s.instances)
         assert r.trace.n_avg == pytest.approx(target, abs=0.02 * 256)
     assert create_method(f"csp:fill=none,instances=oracle@{budget}", info=tiny.info).fill == "none"
+
+
+def test_seg_first_budget_too_mild_to_guarantee_is_refused(tiny):
+    with pytest.raises(ValueError, match="fill=none") as err:
+        create_method("csp@20%", info=tiny.info)
+    assert "\n" not in str(err.value)
+    assert create_method("csp:fill=none@20%", info=tiny.info).fill == "none"
 
 
 INFO8 = ModelInfo(n_layers=8, n_image_tokens=256, grid=(16, 16), hidden_size=64, n_heads=4, n_kv_heads=2,
