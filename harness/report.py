@@ -274,6 +274,17 @@ def render_paper_table(frame: pd.DataFrame, notes: list[str], fmt: str = "markdo
 
 # -- trade-off plots --------------------------------------------------------------------------------------------
 PLOT_AXES = (("TFLOPs", "TFLOPs (exact)"), ("LLM ms", "LLM ms (incl. scoring)"), ("N_avg", "N_avg"))
+MARKERS = "os^vDP*Xph"  # a new marker each time the colours run out
+
+
+def series_styles(names: list[str]) -> dict[str, tuple[tuple[float, ...], str]]:
+    """(colour, marker) per series, all distinct: tab10 up to 10 series, else tab20 with the marker changing every
+    20 (one legend can then tell up to 200 series apart)."""
+    import matplotlib as mpl
+
+    palette = mpl.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
+    return {name: (palette[i % len(palette)], MARKERS[i // len(palette) % len(MARKERS)])
+            for i, name in enumerate(names)}
 
 
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -313,8 +324,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metric: str = "
             legend_rows = math.ceil((len(names) + 2) / ncols)
             fig = Figure(figsize=(7.0, 2.4 + 0.16 * legend_rows), layout="constrained")
             axes = fig.subplots(1, 3)
-            palette = mpl.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
-            colours = dict(zip(names, palette * (1 + len(names) // len(palette)), strict=False))
+            styles = series_styles(names)
             for ax, (col, label) in zip(axes, PLOT_AXES, strict=True):
                 pruned = block[block["group"] != "baseline"].dropna(subset=[col])
                 if len(pruned):
@@ -323,8 +333,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metric: str = "
                             label="Pareto front")
                 for name, rows in pruned.groupby(family[pruned.index]):
                     rows = rows.sort_values(col)
-                    ax.plot(rows[col], 100 * rows[metric], "o-", ms=3.5, lw=1.2, color=colours[name], label=name,
-                            zorder=3)
+                    colour, marker = styles[name]
+                    ax.plot(rows[col], 100 * rows[metric], marker=marker, ls="-", ms=3.5, lw=1.2, color=colour,
+                            label=name, zorder=3)
                 for _, r in block[block["group"] == "baseline"].iterrows():
                     ax.axhline(100 * r[metric], color="k", ls="--", lw=0.8, zorder=2)
                     ax.plot([r[col]], [100 * r[metric]], "k*", ms=8, zorder=4, label="unpruned")

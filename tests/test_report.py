@@ -11,7 +11,15 @@ import pytest
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.report import method_label, paired_drop, paper_frame, pareto_front, plot_run, render_paper_table
+from harness.report import (
+    method_label,
+    paired_drop,
+    paper_frame,
+    pareto_front,
+    plot_run,
+    render_paper_table,
+    series_styles,
+)
 from harness.runner import expand_grid, run_grid
 
 
@@ -114,6 +122,12 @@ def test_a_run_with_no_cells_says_so(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"cells": []}))
     with pytest.raises(ValueError, match="has no cells"):
         paper_frame(tmp_path)
+
+
+def test_series_styles_stay_distinct_beyond_the_palette():
+    for n in (3, 10, 11, 20, 27, 45):
+        styles = series_styles([f"m{i}" for i in range(n)])
+        assert len(set(styles.values())) == n
 
 
 def test_plot_writes_png_and_pdf(run, tmp_path):
