@@ -135,9 +135,10 @@ class LVLMCSP(Method):
     keeps its L_c, L_s and N_p and solves N_c from eq. 9 (rounded); when N_c would exceed N it keeps N_c = N and
     solves N_p; if neither fits, the neighbouring presets are tried. With Seg-First the mapping also sets
     `fill=prune` (unless fill is given), so an image meets the target whatever its instances leave unused (the
-    paper's rule ran `csp@50%` at N_avg 74 instead of 128 on the bundled model); it then only takes a setting whose
-    pruning stage can absorb the whole clustering budget (N_p + (N_c - 1) L_c / L_p <= N), which needs a reduction
-    of at least about L_c / L (25% with L_c = 2 of 8 layers).
+    paper's rule ran `csp@50%` at N_avg 74 instead of 128 on the bundled model); with N_c < N it then only takes a
+    setting whose pruning stage can absorb the whole clustering budget (L_p >= 1 and N_p + (N_c - 1) L_c / L_p <=
+    N; every preset passes on 8 or more layers). A mild budget solved with N_c = N clusters nothing, so it is met
+    as it is.
 
     Args:
         l_c: L_c, decoder layers of the clustering stage.
@@ -295,7 +296,7 @@ class LVLMCSP(Method):
         l_c, n_c, l_s, n_p = self.config(info)
         n = info.n_image_tokens
         if self.cluster == "seg_first" and n_c < n:
-            return None  # Seg-First's counts depend on the image (with fill=prune only per layer, not their mean)
+            return None  # Seg-First's per-layer counts depend on the image (with fill=prune their mean does not)
         return [n_c] * l_c + [n] * l_s + [n_p] * (info.n_layers - l_c - l_s)
 
     @classmethod
@@ -314,7 +315,7 @@ class LVLMCSP(Method):
                 n_c, n_p = n, round((n_avg_target * layers - n * (l_c + l_s)) / l_p)
             if not (1 <= n_c <= n and 1 <= n_p <= n):
                 continue
-            if fill and (l_p < 1 or n_p + math.ceil((n_c - 1) * l_c / l_p) > n):
+            if fill and n_c < n and (l_p < 1 or n_p + math.ceil((n_c - 1) * l_c / l_p) > n):
                 no_room = True  # an image with one selected token would leave budget the pruning stage cannot take
                 continue
             return cls(**{**fixed, "l_c": l_c, "n_c": n_c, "l_s": l_s, "n_p": n_p})

@@ -241,15 +241,18 @@ def test_seg_first_budget_is_met_per_image(tiny, budget):
     assert create_method(f"csp:fill=none,instances=oracle@{budget}", info=tiny.info).fill == "none"
 
 
-def test_seg_first_budget_too_mild_to_guarantee_is_refused(tiny):
-    with pytest.raises(ValueError, match="fill=none") as err:
-        create_method("csp@20%", info=tiny.info)
-    assert "\n" not in str(err.value)
-    assert create_method("csp:fill=none@20%", info=tiny.info).fill == "none"
-
-
 INFO8 = ModelInfo(n_layers=8, n_image_tokens=256, grid=(16, 16), hidden_size=64, n_heads=4, n_kv_heads=2,
                   head_dim=16, intermediate_size=128, vision_layers=3, vision_hidden_size=64)
+
+
+def test_seg_first_budget_without_room_for_the_fill_is_refused(tiny, image):
+    r = tiny.segment(image, QUERY, create_method("csp@20%", info=tiny.info))  # N_c = N: nothing to fill
+    assert r.trace.n_avg == pytest.approx(0.8 * 256, abs=0.02 * 256)
+    two = replace(INFO8, n_layers=2)  # L_c 1, L_s 1, no pruning stage to take what Seg-First leaves
+    with pytest.raises(ValueError, match="fill=none") as err:
+        create_method("csp@30%", info=two)
+    assert "\n" not in str(err.value)
+    assert create_method("csp:fill=none@30%", info=two).config(two) == (1, 102, 1, 8)
 
 
 def test_presets_scale_to_the_model():
