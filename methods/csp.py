@@ -127,9 +127,8 @@ class LVLMCSP(Method):
     chosen) or the floors of eq. 4 leave a remainder, above it when more instances than N_c each take their one
     token; an image with no instance falls back to `uniform`. The paper leaves the difference unused; `fill=prune`
     moves it to the pruning stage (see Args), so the image's N_avg is eq. 9's to within rounding unless the pruning
-    count reaches 1 or N. Its instance
-    segmenter runs in a latency stage of its own ("instances"); its FLOPs (the network at its letterboxed input,
-    plus the mask prototypes' matmul per detection) are method overhead.
+    count reaches 1 or N. Its instance segmenter runs in a latency stage of its own ("instances"); its FLOPs (the
+    network at its letterboxed input, plus the mask prototypes' matmul per detection) are method overhead.
 
     Budget mapping: starts from the Table 6 preset nearest the target reduction (the model's own block, else scaled),
     keeps its L_c, L_s and N_p and solves N_c from eq. 9 (rounded); when N_c would exceed N it keeps N_c = N and
@@ -275,14 +274,13 @@ class LVLMCSP(Method):
         if i == l_c and HELD in state.held:
             state = state.release(HELD)
         prune_at = l_c + l_s
-        if prune_at >= ctx.info.n_layers:
+        if prune_at >= ctx.info.n_layers or i not in (prune_at - 1, prune_at):
             return state
         n_p = self.pruned_count(ctx)
         if n_p >= state.n_image:
             return state
         if i == prune_at - 1:
             ctx.scratch["csp_input"] = state  # the last scattering layer's input: its attention ranks the tokens
-        if i != prune_at:
             return state
         img = state.image_rows
         prev = ctx.scratch.pop("csp_input")
