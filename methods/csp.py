@@ -19,7 +19,6 @@ in `harness.flops`.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Literal
 
@@ -45,10 +44,6 @@ TABLE6 = {  # Table 6's own blocks, by (decoder layers, image tokens): used as g
                 90: (12, 32, 2, 8)},  # LLaVA-1.5-13B at 224 px
 }
 HELD = "csp"  # name of the held-back tokens in the token state
-
-
-def _default(param: str):
-    return inspect.signature(LVLMCSP).parameters[param].default
 
 
 def preset(ratio: int, info: ModelInfo) -> tuple[int, int, int, int]:
@@ -300,9 +295,9 @@ class LVLMCSP(Method):
     @classmethod
     def for_budget(cls, info: ModelInfo, n_avg_target: float, **fixed) -> LVLMCSP:
         n, layers = info.n_image_tokens, info.n_layers
-        if fixed.get("cluster", _default("cluster")) == "seg_first":
+        if cls(**fixed).cluster == "seg_first":  # the given parameters, defaults for the rest
             fixed = {"fill": "prune", **fixed}  # meet the budget per image (see the class docstring)
-        fill = fixed.get("fill", _default("fill")) == "prune"
+        fill = cls(**fixed).fill == "prune"
         reduction = 100 * (1 - n_avg_target / n)
         no_room = False
         for ratio in sorted(PRESETS, key=lambda r: abs(r - reduction)):
