@@ -8,7 +8,9 @@ eager) is used as configured.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -189,6 +191,17 @@ def causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
 
 
+@functools.cache
+def cache_keyword(attention: type[nn.Module]) -> str:
+    """The name under which a stock attention module takes its KV cache.
+
+    transformers 5.24 renamed `past_key_values` to `cache` on the decoder submodules; the old name still works there
+    but warns, and goes in 5.40. Read from the signature, so every version `pyproject.toml` admits gets the name it
+    expects.
+    """
+    return "cache" if "cache" in inspect.signature(attention.forward).parameters else "past_key_values"
+
+
 def run_llm(model: SegModel, state: TokenState, method: Method, ctx: Context,
             cache: DynamicCache | None = None) -> TokenState:
     """The decoder-layer loop: before_layer -> attention -> ffn per layer; one ledger record per layer.
@@ -199,6 +212,7 @@ def run_llm(model: SegModel, state: TokenState, method: Method, ctx: Context,
     lm = model.language_model
     fire_before, fire_ffn = method.overrides("before_layer"), method.overrides("ffn")
     needs_mask = lm.config._attn_implementation not in CAUSAL_BACKENDS
+    cache_kw = {cache_keyword(type(lm.layers[0].self_attn)): cache}
     rope = mask = rows_src = None
     patches: list[int] = []
     patch_src = None
@@ -216,7 +230,7 @@ def run_llm(model: SegModel, state: TokenState, method: Method, ctx: Context,
         n = h.shape[1]
         ctx.record = LayerRecord(n=n, n_image=len(patches), n_ffn=n, patches=patches)
         a, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask,
-                               past_key_values=cache)
+                               **cache_kw)
         h = h + a
         x = layer.post_attention_layernorm(h)
         h = h + (method.ffn(i, layer.mlp, x, replace(state, hidden=h), ctx) if fire_ffn else layer.mlp(x))
@@ -247,6 +261,7 @@ def greedy_decode(model: SegModel, state: TokenState, cache: DynamicCache, ctx: 
     h = lm.norm(state.hidden[:, -1:])  # (1, 1, d): the row that chooses the first answer token
     ids: list[int] = []
     seg_hidden = None
+    cache_kw = {cache_keyword(type(lm.layers[0].self_attn)): cache}
     for step in range(max_new_tokens):
         token = int(model.lm_head(h)[0, -1].argmax())
         ctx.ledger.lm_head_rows += 1
@@ -264,7 +279,7 @@ def greedy_decode(model: SegModel, state: TokenState, cache: DynamicCache, ctx: 
                 ropes[position] = lm.rotary_emb(x, torch.tensor([[position]], device=dev))
             rope = ropes[position]
             a, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=rope,
-                                   attention_mask=None, past_key_values=cache)  # one query row: nothing to mask
+                                   attention_mask=None, **cache_kw)  # one query row: nothing to mask
             x = x + a
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             ctx.ledger.decode_layers.append(LayerRecord(n=1, n_image=0, n_ffn=1, kv=kv + 1))
