@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +33,31 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def third_parties_offline_and_quiet(command: str | None) -> None:
+    """Switch ultralytics off the network and out of the user's terminal and home, for this process only.
+
+    Through its environment switches (a user's own setting wins; no settings file of the user's is edited):
+    `YOLO_OFFLINE` stops its DNS probes and analytics; `YOLO_CONFIG_DIR` keeps the settings file it creates on first
+    import (and announces on stdout) in segprune's cache instead of ~/.config, one per ultralytics version (a version
+    that finds another's file resets it, with a warning); `YOLO_VERBOSE=False` keeps its INFO lines out of every
+    command but `train`, whose progress they are. ultralytics is only imported lazily, after this runs.
+    """
+    from importlib.metadata import version
+
+    from harness.datasets.shapes import cache_dir
+
+    os.environ.setdefault("YOLO_OFFLINE", "True")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(cache_dir() / f"ultralytics-{version('ultralytics')}"))
+    if command != "train":
+        os.environ.setdefault("YOLO_VERBOSE", "False")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="segprune")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Benchmark training-free visual-token reduction on LISA-style segmentation MLLMs."""
+    third_parties_offline_and_quiet(ctx.invoked_subcommand)
 
 
 def _progress(total: int, label: str) -> Any:

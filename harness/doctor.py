@@ -67,6 +67,17 @@ def checks() -> list[tuple[str, bool, str]]:
             out += f", {BUNDLED_YOLO.name} (checksum ok)"
         return out
 
+    def lock() -> str:  # informational: an environment resolved afresh is allowed, but not the tested one
+        from harness.lockfile import lock_provenance
+
+        got = lock_provenance()
+        if got["sha256"] is None:
+            return "no uv.lock beside the package (a wheel install): versions as the installer resolved them"
+        if got["locked"]:
+            return f"uv.lock {got['sha256'][:12]}: every locked package installed at its locked version"
+        return (f"uv.lock {got['sha256'][:12]}: not the locked environment ({len(got['differences'])} differ, e.g. "
+                f"{got['differences'][0]}); `uv sync --locked` installs it")
+
     def tiny_forward() -> str:
         import harness
 
@@ -78,4 +89,4 @@ def checks() -> list[tuple[str, bool, str]]:
     return [(name, *_check(fn)) for name, fn in (
         ("torch", torch_ops), ("torchvision", torchvision_ops), ("transformers", transformers_parts),
         ("ultralytics", ultralytics_import), ("pycocotools", pycocotools_rle), ("bundled assets", assets),
-        ("tiny model", tiny_forward))]
+        ("locked versions", lock), ("tiny model", tiny_forward))]

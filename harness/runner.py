@@ -2,7 +2,8 @@
 
 A run folder:
     config.json            the resolved grid (every cell with its resolved method parameters)
-    environment.json       versions, git commit, device, dtype, attention backend, threads
+    environment.json       versions, git commit, device, dtype, attention backend, threads, uv.lock hash and
+                           whether the installed packages are the locked ones (`harness.lockfile`)
     cells/<cell_id>.jsonl  one record per finished sample (complete lines only; a torn last line is dropped)
     cells/<cell_id>.json   the cell's resolved content
     summary.csv / .json    one row per cell, aggregated from the records
@@ -16,6 +17,7 @@ same files and continues where it stopped; changing anything that affects result
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import platform
 import subprocess
@@ -31,6 +33,7 @@ import harness
 from harness.engine import DECODE_MODES
 from harness.flops import Arch, llm_total_flops
 from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
+from harness.lockfile import lock_provenance
 from harness.method import Method, budget_spec, create_method, split_budget
 from harness.metrics import aggregate, intersection_union, sample_iou
 
@@ -101,8 +104,10 @@ def environment(model: Any = None) -> dict[str, Any]:
     env = {
         "harness": harness.__version__, "git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
+        "ultralytics": importlib.metadata.version("ultralytics"),
         "platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "lock": lock_provenance(),
     }
     if model is not None:
         env.update(device=str(model.device), dtype=str(model.dtype).replace("torch.", ""),

@@ -6,8 +6,10 @@ import torch
 
 import harness
 import tests.capabilities  # noqa: F401  (registers the contract-test methods for the shared battery)
+from harness.cli import third_parties_offline_and_quiet
 
 torch.set_num_threads(2)
+third_parties_offline_and_quiet("pytest")  # as in every segprune command: ultralytics offline, out of ~/.config
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -28,6 +30,9 @@ def test_run_writes_records_and_resumes_without_recomputing(tmp_path, monkeypatc
         assert (tmp_path / name).is_file()
     env = json.loads((tmp_path / "environment.json").read_text())
     assert {"torch", "transformers", "git_commit", "device", "dtype", "attention", "model_fingerprint"} <= set(env)
+    lock = Path(__file__).resolve().parents[1] / "uv.lock"  # the checkout's own lock, whichever environment runs this
+    assert env["lock"]["sha256"] == hashlib.sha256(lock.read_bytes()).hexdigest()
+    assert env["lock"]["locked"] == (not env["lock"]["differences"])
     rec = read_records(tmp_path / "cells" / f"{rows[1]['cell']}.jsonl")[0]
     assert rec["image_tokens_per_layer"] == [256, 256] + [64] * 6
     assert {"intersection", "union", "flops", "llm_flops", "latency_s", "mask_rle", "kept_patches"} <= set(rec)
