@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -47,7 +48,11 @@ def third_parties_offline_and_quiet(command: str | None) -> None:
     from harness.datasets.shapes import cache_dir
 
     os.environ.setdefault("YOLO_OFFLINE", "True")
-    os.environ.setdefault("YOLO_CONFIG_DIR", str(cache_dir() / f"ultralytics-{version('ultralytics')}"))
+    if "YOLO_CONFIG_DIR" not in os.environ:
+        config = cache_dir() / f"ultralytics-{version('ultralytics')}"
+        with contextlib.suppress(OSError):  # made here: some releases (8.4.0) only use a folder whose parent exists
+            config.mkdir(parents=True, exist_ok=True)  # (unwritable: ultralytics falls back to a temp folder)
+        os.environ["YOLO_CONFIG_DIR"] = str(config)
     if command != "train":
         os.environ.setdefault("YOLO_VERBOSE", "False")
 
