@@ -13,11 +13,12 @@ For every cell with an unpruned counterpart (method `none`, same model, decode m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harness.files import write_atomic, write_json
 
 
 def decode_mask(rle: dict) -> np.ndarray:
@@ -83,9 +84,9 @@ def analyze_run(run_dir: str | Path) -> list[dict[str, Any]]:
                     entry["recall_vs_drop_by_layer"] = [spearman(col, drop) for col in per_layer.T]
                     entry["recall_vs_drop_n"] = len(with_recall)
         out.append(entry)
-    (run_dir / "analysis.json").write_text(json.dumps(out, indent=2))
+    write_json(run_dir / "analysis.json", out)
     flat = [{**{k: v for k, v in e.items() if k not in ("gt_recall", "recall_vs_drop_by_layer")},
              "gt_recall_mean": float(np.mean(e["gt_recall"])) if "gt_recall" in e else float("nan"),
              "gt_recall_last": e["gt_recall"][-1] if "gt_recall" in e else float("nan")} for e in out]
-    pd.DataFrame(flat).to_csv(run_dir / "analysis.csv", index=False)
+    write_atomic(run_dir / "analysis.csv", pd.DataFrame(flat).to_csv(index=False))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -15,6 +16,26 @@ import click
 
 DEFAULT_MODEL = "lisa-tiny-shapes"  # bundled (issue 3); random:tiny stays available for tests
 DEFAULT_DATASET = "shapes-ref:val"
+DTYPES = ("fp32", "bf16", "fp16")
+ATTNS = ("sdpa", "eager", "flash_attention_2")
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or choose another --out; finished samples are saved",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another --out; finished samples are saved",
+    errno.EFBIG: "past the file-size limit (ulimit -f) or what the file system allows; finished samples are saved",
+    errno.EROFS: "the file system is read-only: choose a writable --out or cache ($SEGPRUNE_CACHE)",
+    errno.EACCES: "no permission: choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "not permitted: choose a folder you can write to, or fix its permissions",
+}
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and what to do."""
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    what = err.strerror or str(err)
+    hint = _OS_HINTS.get(err.errno or -1)
+    return f"{what}{f': {where}' if where else ''}{f' ({hint})' if hint else ''}"
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -24,8 +45,11 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        except ValueError as err:
             click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except OSError as err:  # a read-only folder, a full disk, a failed rename: what the machine did to us
+            click.echo(f"error: {os_error_line(err)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished samples are saved; rerun the same command to resume", err=True)
@@ -93,8 +117,8 @@ def _run_and_report(cells: list, out: Path, device: str | None, fmt: str) -> Non
               help="run folder (default: runs/default); rerunning with the same folder resumes")
 @click.option("--data-root", envvar="SEGPRUNE_DATA", default=None, help="root of the datasets [env SEGPRUNE_DATA]")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu)")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--attn", type=click.Choice(["sdpa", "eager", "flash_attention_2"]), default="sdpa", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
+@click.option("--attn", type=click.Choice(ATTNS), default="sdpa", show_default=True)
 @click.option("--decode", type=click.Choice(["template", "generate"]), default="template", show_default=True,
               help="template: LISA's evaluation (answer teacher-forced); generate: greedy decoding with a KV cache")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True)
@@ -106,6 +130,44 @@ def run(models, methods, datasets, limit, out, data_root, device, dtype, attn, d
     cells = expand_grid(models, methods or default_methods(), datasets, limit=limit, dtype=dtype, attn=attn,
                         decode=decode, data_root=data_root)
     _run_and_report(cells, out or default_run_dir(), device, fmt)
+
+
+GRID_CHOICES = {"dtype": DTYPES, "attn": ATTNS}  # decode is checked by expand_grid
+
+
+def _grid_spec(config: Path, spec: Any) -> dict[str, Any]:
+    """A grid file's mapping with every value checked against its type: one line naming the key otherwise."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{config}: a grid is a mapping of keys (models, methods, datasets, ...), "
+                         f"not a {type(spec).__name__}")
+    known = {"models", "model", "methods", "datasets", "limit", "decode", *GRID_CHOICES}
+    unknown = sorted(set(map(str, spec)) - known)
+    if unknown:
+        raise ValueError(f"{config}: unknown keys {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    out = dict(spec)
+    for key in ("models", "methods", "datasets"):
+        if key not in spec:
+            continue
+        value = [spec[key]] if isinstance(spec[key], str) else spec[key]  # `methods: none` is the list [none]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"{config}: '{key}' must be a list of names, e.g. {key}: [{_GRID_EXAMPLES[key]}]")
+        out[key] = value
+    if not out.get("methods") or not out.get("datasets"):
+        raise ValueError(f"{config}: a grid needs 'methods' and 'datasets' lists, e.g. methods: [none, fastv@75%]")
+    if "model" in spec and not isinstance(spec["model"], str):
+        raise ValueError(f"{config}: 'model' must be one model name or folder")
+    limit = spec.get("limit")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise ValueError(f"{config}: 'limit' must be a whole number of samples, at least 1 (got {limit!r})")
+    for key, choices in GRID_CHOICES.items():
+        if key in spec and spec[key] not in choices:
+            raise ValueError(f"{config}: '{key}' must be one of {', '.join(choices)} (got {spec[key]!r})")
+    if "decode" in spec and not isinstance(spec["decode"], str):
+        raise ValueError(f"{config}: 'decode' must be template or generate (got {spec['decode']!r})")
+    return out
+
+
+_GRID_EXAMPLES = {"models": DEFAULT_MODEL, "methods": "none, fastv@75%", "datasets": DEFAULT_DATASET}
 
 
 @main.command()
@@ -125,16 +187,10 @@ def grid(config, out, data_root, device, fmt) -> None:
     try:
         spec = yaml.safe_load(config.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{config}: not valid YAML ({err})") from None
-    known = {"models", "model", "methods", "datasets", "limit", "dtype", "attn", "decode"}
-    unknown = sorted(set(spec) - known)
-    if unknown:
-        raise ValueError(f"{config}: unknown keys {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-    models = spec.get("models") or [spec.get("model", DEFAULT_MODEL)]
-    if not spec.get("methods") or not spec.get("datasets"):
-        raise ValueError(f"{config}: a grid needs 'methods' and 'datasets' lists")
-    cells = expand_grid(models, spec["methods"], spec["datasets"], limit=spec.get("limit"),
-                        dtype=spec.get("dtype", "fp32"), attn=spec.get("attn", "sdpa"),
+        raise ValueError(f"{config}: not valid YAML ({' '.join(str(err).split())})") from None
+    spec = _grid_spec(config, spec)
+    cells = expand_grid(spec.get("models") or [spec.get("model", DEFAULT_MODEL)], spec["methods"], spec["datasets"],
+                        limit=spec.get("limit"), dtype=spec.get("dtype", "fp32"), attn=spec.get("attn", "sdpa"),
                         decode=spec.get("decode", "template"), data_root=data_root)
     _run_and_report(cells, out or Path("runs") / config.stem, device, fmt)
 

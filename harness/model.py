@@ -466,6 +466,7 @@ def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str |
     if isinstance(dtype, str):
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
+    device = check_device(device)
     name = str(name_or_path)
     if name.startswith("random:"):
         arch_name = name.split(":", 1)[1]
@@ -482,6 +483,29 @@ def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str |
         return SegModel.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
     known = ["random:tiny", *(f"random:{a}" for a in ARCHS), *MODELS.names()]
     raise ValueError(f"unknown model {name!r}: not a registered name or a folder; available: {', '.join(known)}")
+
+
+def check_device(device: str | torch.device | None) -> str:
+    """`device` as torch spells it, or a one-line ValueError for a name torch does not know or a device that this
+    machine lacks (torch's own errors surface later, as tracebacks from deep inside the first forward)."""
+    if device is None:
+        return "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ValueError(f"device {device!r}: this machine has no CUDA device that torch {torch.__version__} "
+                             f"can use; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: segprune runs on cpu, cuda or mps")
+    return str(dev)
 
 
 def _bad_dtype(dtype: str) -> torch.dtype:

@@ -31,11 +31,16 @@ import torch
 
 import harness
 from harness.engine import DECODE_MODES
+from harness.files import Busy, exclusive, read_json, write_atomic, write_json
 from harness.flops import Arch, llm_total_flops
 from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
 from harness.lockfile import lock_provenance
 from harness.method import Method, budget_spec, create_method, split_budget
 from harness.metrics import aggregate, intersection_union, sample_iou
+
+CONFIG_RECOVER = ("delete it and rerun the commands that made the run with the same --out "
+                  "(finished samples in cells/ are kept)")
+META_RECOVER = "delete it: the cell's records are kept, and the next run of the cell rewrites it"
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,11 @@ class Cell:
 
     @property
     def id(self) -> str:
+        """Hash of what the cell computes: with its fingerprint, a model is its weights, not how its path is spelled
+        (the data root is resolved by `expand_grid` for the same reason)."""
         content = {k: v for k, v in asdict(self).items() if k != "limit"}
+        if self.model_fingerprint:
+            del content["model"]
         blob = json.dumps({**content, "harness": harness.__version__}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -70,6 +79,7 @@ def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterabl
         raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)} (template is LISA's "
                          f"evaluation)")
     resolved = [canonical_spec(m) for m in methods]
+    data_root = str(Path(data_root).expanduser().resolve()) if data_root else None
     cells = []
     for model in models:
         for ds in datasets:
@@ -200,22 +210,35 @@ class ImageCache:
 def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache: ImageCache | None = None,
              progress: Callable[[int], None] | None = None, method: Method | None = None) -> list[dict[str, Any]]:
     """Run the unfinished samples of one cell, appending one flushed JSON line per sample (`method`: the cell's
-    method already resolved on this model, else resolved here)."""
+    method already resolved on this model, else resolved here).
+
+    One process writes a cell at a time: a second one that reaches a cell being run stops with a one-line error.
+    """
     cells_dir = out_dir / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(cells_dir / f"{cell.id}.lock", wait=False):
+            return _run_cell(model, cell, samples, cells_dir, cache, progress, method)
+    except Busy as busy:
+        raise ValueError(f"{cell.method} on {cell.dataset}:{cell.split} is being run into {out_dir} by another "
+                         f"process (pid {busy.holder}); wait for it to finish, or use another --out") from None
+
+
+def _run_cell(model: Any, cell: Cell, samples: list[Any], cells_dir: Path, cache: ImageCache | None,
+              progress: Callable[[int], None] | None, method: Method | None) -> list[dict[str, Any]]:
     method = method or create_method(cell.method, info=model.info)
     path = cells_dir / f"{cell.id}.jsonl"
     meta_path = cells_dir / f"{cell.id}.json"
     records = read_records(path, repair=True)
     if records and meta_path.is_file():  # a budget spec must still resolve to what the records were made with
-        before = json.loads(meta_path.read_text()).get("resolved_method", method.spec())
+        before = read_json(meta_path, META_RECOVER).get("resolved_method", method.spec())
         if before != method.spec():
             raise ValueError(f"{cell.method} now resolves to {method.spec()}, but {path} was made with {before}; "
                              f"use a new run folder or delete that file to rerun the cell")
     meta = {**asdict(cell), "id": cell.id, "resolved_method": method.spec(), "expected": len(samples),
             "grid": list(model.info.grid),
             "environment": environment(model)}
-    meta_path.write_text(json.dumps(meta, indent=2))
+    write_json(meta_path, meta)
     done = {r["sample_id"] for r in records}
     arch = Arch.from_model(model)
     cache = cache or ImageCache(model)
@@ -283,10 +306,11 @@ def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | No
 def _merge_config(out_dir: Path, cells: list[Cell]) -> None:
     """Add `cells` to the run's config.json (cells of earlier commands into the same folder are kept)."""
     path = out_dir / "config.json"
-    known = json.loads(path.read_text())["cells"] if path.is_file() else []
-    ids = {c["id"] for c in known}
-    known += [{**asdict(c), "id": c.id} for c in cells if c.id not in ids]
-    path.write_text(json.dumps({"harness": harness.__version__, "cells": known}, indent=2))
+    with exclusive(out_dir / ".lock", wait=True):  # two commands into one folder: neither loses the other's cells
+        known = read_json(path, CONFIG_RECOVER)["cells"] if path.is_file() else []
+        ids = {c["id"] for c in known}
+        known += [{**asdict(c), "id": c.id} for c in cells if c.id not in ids]
+        write_json(path, {"harness": harness.__version__, "cells": known})
 
 
 def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[Cell], dict, dict, dict]:
@@ -319,13 +343,11 @@ def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[
 def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = None,
              progress_factory: Callable[[int, str], Any] | None = None) -> list[dict[str, Any]]:
     """Run every cell (resuming finished samples) and write config, environment and summary into `out_dir`."""
-    import pandas as pd
-
     cells, models, datasets, methods = prepare_grid(cells, device=device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _merge_config(out_dir, cells)
-    (out_dir / "environment.json").write_text(json.dumps(environment(next(iter(models.values()))), indent=2))
+    write_json(out_dir / "environment.json", environment(next(iter(models.values()))))
     caches = {key: ImageCache(model) for key, model in models.items()}
     rows: list[dict[str, Any]] = []
     try:
@@ -347,9 +369,8 @@ def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = Non
             rows.append(summarize_cell(cell, [r for r in records if r["sample_id"] in ids], len(samples),
                                        methods[cell.id].spec()))
     finally:
-        if rows:
-            pd.DataFrame(rows).to_csv(out_dir / "summary.csv", index=False)
-            (out_dir / "summary.json").write_text(json.dumps(rows, indent=2))
+        if rows:  # every cell of the folder, not only this command's: earlier commands' cells keep their rows
+            write_summary(out_dir)
     from harness.analysis import analyze_run
 
     analyze_run(out_dir)
@@ -363,14 +384,14 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
     if not cfg_path.is_file():
         raise ValueError(f"{run_dir} is not a segprune run folder (no config.json); run `segprune run` or "
                          f"`segprune grid` to make one")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path, CONFIG_RECOVER)
     rows = []
     for c in cfg["cells"]:
         cid = c["id"]  # the stored id: valid even after a harness upgrade changed how ids are computed
         cell = Cell(**{k: v for k, v in c.items() if k in Cell.__dataclass_fields__})
         records = read_records(run_dir / "cells" / f"{cid}.jsonl")
         meta = run_dir / "cells" / f"{cid}.json"
-        info = json.loads(meta.read_text()) if meta.is_file() else {}
+        info = read_json(meta, META_RECOVER) if meta.is_file() else {}
         expected = info.get("expected", cell.limit)
         if expected is not None:
             records = records[:expected]  # records are in dataset order; a smaller limit shows its prefix
@@ -379,6 +400,16 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
         row["missing"] = not records
         rows.append(row)
     return rows
+
+
+def write_summary(run_dir: Path) -> None:
+    """summary.csv / summary.json: one row per cell of the folder, from its records."""
+    import pandas as pd
+
+    with exclusive(run_dir / ".lock", wait=True):
+        rows = load_run(run_dir)
+        write_atomic(run_dir / "summary.csv", pd.DataFrame(rows).to_csv(index=False))
+        write_json(run_dir / "summary.json", rows)
 
 
 def cell_records(run_dir: str | Path, cell_id: str, n: int | None = None) -> list[dict[str, Any]]:

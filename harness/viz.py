@@ -3,13 +3,14 @@ each stage drawn on the patch grid (as LVLM_CSP's Figs. 3 and 5 do). One PNG per
 
 from __future__ import annotations
 
-import json
 import math
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harness.files import read_json
 
 
 def patch_boxes(height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
@@ -54,8 +55,10 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
     import harness
     from harness.analysis import decode_mask
     from harness.report import method_label
-    from harness.runner import cell_records, load_run
+    from harness.runner import META_RECOVER, cell_records, load_run
 
+    if limit < 1:
+        raise ValueError(f"--limit must be at least 1 sample (got {limit})")
     run_dir = Path(run_dir)
     rows = [r for r in load_run(run_dir) if not r.get("missing")]
     if methods:
@@ -83,7 +86,7 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
     if missing:
         raise ValueError(f"sample(s) {', '.join(missing)} are not finished in every chosen cell; finished ones "
                          f"include {', '.join(common[:5])}")
-    meta = json.loads((run_dir / "cells" / f"{first['cell']}.json").read_text())
+    meta = read_json(run_dir / "cells" / f"{first['cell']}.json", META_RECOVER)
     data = {s.id: s for s in harness.load_dataset(first["dataset"], first["split"], root=meta.get("data_root"),
                                                   limit=meta.get("limit"))}
     out_dir = Path(out) if out else run_dir / "viz"
@@ -103,7 +106,7 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
             ax.axis("off")
         for i, (r, row_stages) in enumerate(zip(rows, per_row, strict=True)):
             rec = recs[r["cell"]][sid]
-            grid = tuple(json.loads((run_dir / "cells" / f"{r['cell']}.json").read_text()).get("grid") or
+            grid = tuple(read_json(run_dir / "cells" / f"{r['cell']}.json", META_RECOVER).get("grid") or
                          (math.isqrt(max(rec["image_tokens_per_layer"])),) * 2)
             boxes = patch_boxes(h, w, grid)
             axes[i, 0].imshow(image)

@@ -1,0 +1,86 @@
+"""Files segprune writes whole: atomically, and read back with a one-line error that names a corrupt one.
+
+A file is written to a temporary sibling, fsynced and renamed over the old one, so a reader, a killed process or a
+full disk leaves either the old file or the new one, never a part of one. (Cell records are appended line by line
+instead; `harness.runner.read_records` drops a torn last line.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` by a file holding `text`, all at once (the new file gets the usual umask permissions)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: name the one we wrote
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+def read_json(path: str | os.PathLike, recover: str) -> Any:
+    """A JSON file segprune wrote; a file that does not parse is a one-line `ValueError` naming it.
+
+    Args:
+        path: the file.
+        recover: how to get a good file back, appended to the error ("delete it and rerun the same command").
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt (not valid JSON: {err}); {recover}") from None
+
+
+class Busy(Exception):
+    """Another process holds the lock (`holder`: the pid it wrote, or "unknown")."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, *, wait: bool) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if needed) for the block; the kernel releases it when the
+    process dies, so a killed run never leaves a stale lock.
+
+    Args:
+        path: the lock file; the holder's pid is written into it, for the message of whoever finds it taken.
+        wait: block until the lock is free (short critical sections), or raise `Busy` at once (a cell's writer).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Busy(os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
