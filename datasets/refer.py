@@ -93,6 +93,15 @@ def _decode(segmentation, height: int, width: int) -> np.ndarray:
     return (mask_utils.decode(segmentation) > 0).astype(np.uint8)
 
 
+def _decode_ann(ann: dict, height: int, width: int, inst_path: Path) -> np.ndarray:
+    """An annotation's mask; one that pycocotools cannot decode is an error naming it and its file."""
+    try:
+        return _decode(ann["segmentation"], height, width)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as err:
+        raise ValueError(f"annotation {ann.get('id')} in {inst_path}: cannot decode its segmentation "
+                         f"({type(err).__name__}: {err}); fix or remove that annotation") from None
+
+
 def load_refer_folder(ds_dir: str | os.PathLike, image_dir: str | os.PathLike, split_by: str, split: str, *,
                       limit: int | None = None, lower: bool = True, is_sentence: bool = False,
                       id_prefix: str = "", layout: str = "") -> list[Sample]:
@@ -129,12 +138,12 @@ def load_refer_folder(ds_dir: str | os.PathLike, image_dir: str | os.PathLike, s
                              f"{ref.get('ann_id')}, but {err} is not in {inst_path}") from None
         path = image_dir / im["file_name"]
 
-        def mask(seg=ann["segmentation"], h=im["height"], w=im["width"]) -> np.ndarray:
-            return _decode(seg, h, w)
+        def mask(a=ann, h=im["height"], w=im["width"]) -> np.ndarray:
+            return _decode_ann(a, h, w, inst_path)
 
         def instances(image_id=ref["image_id"], h=im["height"], w=im["width"]) -> np.ndarray:
             image_anns = by_image.get(image_id, [])
-            return np.stack([_decode(a["segmentation"], h, w) for a in image_anns]).astype(bool) \
+            return np.stack([_decode_ann(a, h, w, inst_path) for a in image_anns]).astype(bool) \
                 if image_anns else np.zeros((0, h, w), bool)
 
         for k, sent in enumerate(ref["sentences"]):

@@ -11,7 +11,7 @@ one object. Query families, from easy to hard:
   triangle?", "which shape has the colour of the sky?"): split `reason`, loaded as sentence queries;
 - `train` and `val` mix all three.
 
-Each split is generated on first use into `<cache>/shapes-ref-v1/<split>/` as a RefCOCO-style folder
+Each split is generated on first use into `<cache>/shapes-ref-v2/<split>/` as a RefCOCO-style folder
 (`refs(unc).p`, `instances.json` with RLE masks, `images/*.png`) and read back through the same refer loader as
 RefCOCO (implicit questions carry `is_sentence` in their ref); `labels/` holds YOLO-seg labels (class = shape)
 for the same images, in the sibling layout ultralytics expects. The cache is
@@ -233,7 +233,11 @@ def generate(split: str, folder: str | os.PathLike, n_images: int | None = None,
     n = n if n_images is None else n_images
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)  # stage next to the target: rename() cannot cross filesystems
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=folder.parent))
+    _remove_orphans(folder.parent, split)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-{os.getpid()}-", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a cache shared by a group must stay readable to it
     (tmp / "images").mkdir()
     (tmp / "labels").mkdir()
     rng = np.random.default_rng([seed, 20261121])
@@ -274,6 +278,8 @@ def generate(split: str, folder: str | os.PathLike, n_images: int | None = None,
                                                     "categories": categories}))
     with open(tmp / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=2)
+    if folder.is_dir() and not (folder / "refs(unc).p").is_file():  # damaged (a file deleted by hand): replace it
+        shutil.rmtree(folder)
     try:
         tmp.rename(folder)  # atomic: a concurrent or interrupted generation never leaves a half-written split
     except OSError:
@@ -281,6 +287,17 @@ def generate(split: str, folder: str | os.PathLike, n_images: int | None = None,
         if not (folder / "refs(unc).p").is_file():
             raise
     return folder
+
+
+def _remove_orphans(parent: Path, split: str) -> None:
+    """Staging folders of generations whose process is gone (killed mid-way): named `.{split}-{pid}-*`."""
+    for stale in parent.glob(f".{split}-*-*"):
+        try:
+            os.kill(int(stale.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):  # not ours, or a live process of another user
+            continue
 
 
 def _yolo_line(o: Obj) -> str:
@@ -306,12 +323,15 @@ def split_dir(split: str, progress: bool = True) -> Path:
 
 @DATASETS.register("shapes-ref", aliases=("shapes",))
 def load_shapes_ref(split: str = "val", root: str | None = None, limit: int | None = None) -> list[Sample]:
-    """shapes-ref through the RefCOCO loader; `root`, if given, holds a pre-generated `shapes-ref-v1/` folder."""
+    """shapes-ref through the RefCOCO loader: read from `root` when it holds a pre-generated `shapes-ref-v2/` split
+    (`segprune data shapes-ref --data-root ROOT` writes one), else from the cache, generated there on first use.
+    Nothing is written into a data root unasked (it is often RefCOCO's, or mistyped); the split is deterministic,
+    so either place holds the same data."""
     from harness.datasets.refer import load_refer_folder
 
     if split not in SPLITS:
         raise ValueError(f"shapes-ref has splits {', '.join(SPLITS)}; got {split!r}")
-    folder = Path(root) / VERSION / split if root else split_dir(split)
-    if root and not (folder / "refs(unc).p").is_file():
-        generate(split, folder, progress=True)
+    folder = Path(root) / VERSION / split if root else None
+    if folder is None or not (folder / "refs(unc).p").is_file():
+        folder = split_dir(split)
     return load_refer_folder(folder, folder / "images", "unc", split, limit=limit, lower=False, id_prefix="shapes-")

@@ -7,6 +7,7 @@ import errno
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +15,11 @@ from typing import Any
 
 import click
 
+from harness.model import ATTENTION
+
 DEFAULT_MODEL = "lisa-tiny-shapes"  # bundled (issue 3); random:tiny stays available for tests
 DEFAULT_DATASET = "shapes-ref:val"
 DTYPES = ("fp32", "bf16", "fp16")
-ATTNS = ("sdpa", "eager", "flash_attention_2")
 
 
 _OS_HINTS = {
@@ -38,11 +40,24 @@ def os_error_line(err: OSError) -> str:
     return f"{what}{f': {where}' if where else ''}{f' ({hint})' if hint else ''}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`): unwound like Ctrl-C, so summaries are written on the way out."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors into one readable line (exit 2) and Ctrl-C into a resumable stop (exit 130)."""
+    """Turn user errors into one readable line (exit 2), and Ctrl-C or SIGTERM into a resumable stop (exit 130 or
+    143, after the summaries are written)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:  # not the main thread (an embedding application): leave its signals alone
+            pass
         try:
             return fn(*args, **kwargs)
         except ValueError as err:
@@ -51,26 +66,35 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as err:  # a read-only folder, a full disk, a failed rename: what the machine did to us
             click.echo(f"error: {os_error_line(err)}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: finished samples are saved; rerun the same command to resume", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as stop:
+            what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+            click.echo(f"\n{what}: finished samples are saved; rerun the same command to resume", err=True)
+            sys.exit(143 if isinstance(stop, Terminated) else 130)
 
     return wrapper
 
 
 def third_parties_offline_and_quiet(command: str | None) -> None:
-    """Switch ultralytics off the network and out of the user's terminal and home, for this process only.
+    """Switch the Hugging Face Hub and ultralytics off the network, and ultralytics out of the user's terminal and
+    home, for this process only; no settings file of the user's is edited.
 
-    Through its environment switches (a user's own setting wins; no settings file of the user's is edited):
-    `YOLO_OFFLINE` stops its DNS probes and analytics; `YOLO_CONFIG_DIR` keeps the settings file it creates on first
-    import (and announces on stdout) in segprune's cache instead of ~/.config, one per ultralytics version (a version
-    that finds another's file resets it, with a warning); `YOLO_VERBOSE=False` keeps its INFO lines out of every
-    command but `train`, whose progress they are. ultralytics is only imported lazily, after this runs.
+    segprune never needs the Hub, so it is offline unconditionally: `huggingface_hub.constants.HF_HUB_OFFLINE`,
+    which every Hub request checks when it is made (the environment variable was read when transformers imported
+    it), plus the variables for anything imported later. ultralytics through its environment switches (a user's
+    own setting wins): `YOLO_OFFLINE` stops its DNS probes and analytics; `YOLO_CONFIG_DIR` keeps the settings file
+    it creates on first import (and announces on stdout) in segprune's cache instead of ~/.config, one per
+    ultralytics version (a version that finds another's file resets it, with a warning); `YOLO_VERBOSE=False` keeps
+    its INFO lines out of every command but `train`, whose progress they are. ultralytics is only imported lazily,
+    after this runs.
     """
     from importlib.metadata import version
 
+    import huggingface_hub.constants
+
     from harness.datasets.shapes import cache_dir
 
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     os.environ.setdefault("YOLO_OFFLINE", "True")
     if "YOLO_CONFIG_DIR" not in os.environ:
         config = cache_dir() / f"ultralytics-{version('ultralytics')}"
@@ -118,7 +142,7 @@ def _run_and_report(cells: list, out: Path, device: str | None, fmt: str) -> Non
 @click.option("--data-root", envvar="SEGPRUNE_DATA", default=None, help="root of the datasets [env SEGPRUNE_DATA]")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu)")
 @click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True)
-@click.option("--attn", type=click.Choice(ATTNS), default="sdpa", show_default=True)
+@click.option("--attn", type=click.Choice(ATTENTION), default="sdpa", show_default=True)
 @click.option("--decode", type=click.Choice(["template", "generate"]), default="template", show_default=True,
               help="template: LISA's evaluation (answer teacher-forced); generate: greedy decoding with a KV cache")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True)
@@ -132,7 +156,7 @@ def run(models, methods, datasets, limit, out, data_root, device, dtype, attn, d
     _run_and_report(cells, out or default_run_dir(), device, fmt)
 
 
-GRID_CHOICES = {"dtype": DTYPES, "attn": ATTNS}  # decode is checked by expand_grid
+GRID_CHOICES = {"dtype": DTYPES, "attn": ATTENTION}  # decode is checked by expand_grid
 
 
 def _grid_spec(config: Path, spec: Any) -> dict[str, Any]:
@@ -458,7 +482,8 @@ def train_yolo_cmd(out, epochs, imgsz, fraction, seed, device, bundle) -> None:
 @click.option("--data-root", envvar="SEGPRUNE_DATA", default=None, help="root of the datasets [env SEGPRUNE_DATA]")
 @friendly
 def data(dataset, splits, data_root) -> None:
-    """Prepare a dataset (shapes-ref is generated into the cache) and count its samples per split."""
+    """Prepare a dataset (shapes-ref is generated into the cache, or into --data-root when given) and count its
+    samples per split."""
     import harness
     from harness.datasets import DATASETS, shapes
 
@@ -466,6 +491,9 @@ def data(dataset, splits, data_root) -> None:
     if not splits:
         splits = tuple(shapes.SPLITS) if name == "shapes-ref" else ("val",)
     for split in splits:
+        folder = Path(data_root or ".") / shapes.VERSION / split
+        if name == "shapes-ref" and data_root and not (folder / "refs(unc).p").is_file():
+            shapes.generate(split, folder, progress=True)  # asked for: the one place shapes-ref leaves the cache
         samples = harness.load_dataset(name, split, root=data_root)
         where = f"  ({shapes.split_dir(split, progress=False)})" if name == "shapes-ref" and not data_root else ""
         click.echo(f"{name}:{split}  {len(samples)} queries on {len({s.image_id for s in samples})} images{where}")

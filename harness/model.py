@@ -12,6 +12,7 @@ Facts this follows are in reference/lisa-on-transformers.md (A3-A6, C1): LISA's 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -296,6 +297,8 @@ class SegModel(nn.Module):
                              f"and tokenizer files; real LISA checkpoints must be converted first)")
         cfg = SegModelConfig(**json.loads((folder / "segprune.json").read_text()))
         tok = PreTrainedTokenizerFast.from_pretrained(folder)
+        if Path(f"{folder / 'model.safetensors'}.sha256").is_file():  # a bundled model, or a copy of one
+            verify_checksum(folder / "model.safetensors", "copy the folder again, or retrain it")
         with torch.device(device or "cpu"):
             model = cls(cfg, tok, attn_implementation)
         state = load_file(folder / "model.safetensors")
@@ -467,6 +470,7 @@ def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str |
         dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
     device = check_device(device)
+    check_attention(attn_implementation, device)
     name = str(name_or_path)
     if name.startswith("random:"):
         arch_name = name.split(":", 1)[1]
@@ -506,6 +510,22 @@ def check_device(device: str | torch.device | None) -> str:
     elif dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {device!r}: segprune runs on cpu, cuda or mps")
     return str(dev)
+
+
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attention(attn_implementation: str, device: str) -> None:
+    """A one-line ValueError for an attention backend this process cannot run. (transformers' own path for a
+    missing flash-attn tries to fetch a kernel from the Hub, then raises an ImportError from deep inside a model.)"""
+    if attn_implementation not in ATTENTION:
+        raise ValueError(f"unknown attention backend {attn_implementation!r}; choose {', '.join(ATTENTION)}")
+    if attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("--attn flash_attention_2 needs the flash-attn package, which is not installed here "
+                             "(it is built for CUDA: pip install flash-attn); use --attn sdpa")
+        if not device.startswith("cuda"):
+            raise ValueError(f"--attn flash_attention_2 runs on CUDA devices only, not {device}; use --attn sdpa")
 
 
 def _bad_dtype(dtype: str) -> torch.dtype:

@@ -29,7 +29,7 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "text") -> str:
     out = []
     for r in rows:
         status = "missing" if r.get("missing") else ("" if r.get("complete", True) else "partial")
-        method = r["spec"] if r["spec"] != r["method"] else r["method"]
+        method = method_label(r["spec"])  # as the user wrote it; the resolved spec is in the run folder
         if r.get("decode") == "generate":  # and how often the answer held a [SEG] (no [SEG]: empty mask)
             seg = r.get("seg_rate")
             method += " [generate" + (f", [SEG] in {seg:.0%}]" if seg is not None else "]")
@@ -241,13 +241,13 @@ def render_paper_table(frame: pd.DataFrame, notes: list[str], fmt: str = "markdo
     heads = [names.get(c, rename.get(c, c)) for c in cols]
     if fmt == "latex":
         body = pd.DataFrame([[text[i, c] for c in cols] for i in range(len(frame))],
-                            columns=[h.replace("Δ", "$\\Delta$") for h in heads])
+                            columns=heads)
         bold = pd.DataFrame([["font-weight: bold;" if (i, c) in best else "" for c in cols]
                              for i in range(len(frame))], columns=body.columns)
         latex = body.style.format(escape="latex").format_index(escape="latex", axis=1) \
             .apply(lambda _: bold, axis=None).hide(axis="index") \
             .to_latex(hrules=True, convert_css=True, column_format="ll" + "r" * (len(cols) - 2))
-        lines = latex.splitlines()
+        lines = latex.replace("Δ", "$\\Delta$").splitlines()  # after escaping, which would print $ and \\ as text
         start = lines.index("\\midrule") + 1  # the body follows the header's rule, one line per frame row
         out = lines[:start]
         for i, line in enumerate(lines[start:start + len(frame)]):
@@ -307,10 +307,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metric: str = "
     import matplotlib as mpl
     from matplotlib.figure import Figure
 
-    frame, _ = paper_frame(run_dir)
+    frame, notes = paper_frame(run_dir)
     choices = [c for c in frame.columns if c.endswith(("gIoU", "cIoU")) and c != "dgIoU"]
     if metric not in choices:
         raise ValueError(f"no column {metric!r} in this run; choose one of {', '.join(choices)}")
+    if frame[metric].isna().all():
+        raise ValueError(f"{run_dir} has no cell with a finished {metric} to plot; run or resume it first")
+    unfinished = sum(": missing" in n or ": partial" in n for n in notes)
+    partial = f" - partial: {unfinished} cell(s) unfinished" if unfinished else ""
     base = Path(out) if out else Path(run_dir) / "plots" / "tradeoff"
     base.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -344,7 +348,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metric: str = "
             axes[0].set_ylabel(f"{metric} (%)")
             handles, labels = axes[0].get_legend_handles_labels()
             fig.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False, fontsize=6)
-            fig.suptitle(f"{model} ({decode})" if len(blocks) > 1 else str(model))
+            fig.suptitle((f"{model} ({decode})" if len(blocks) > 1 else str(model)) + partial)
             stem = base if len(blocks) == 1 else base.with_name(f"{base.name}-{k}")
             for ext in ("png", "pdf"):
                 path = stem.with_suffix(f".{ext}")

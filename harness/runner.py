@@ -78,11 +78,11 @@ def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterabl
     if decode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)} (template is LISA's "
                          f"evaluation)")
-    resolved = [canonical_spec(m) for m in methods]
+    resolved = list(dict.fromkeys(canonical_spec(m) for m in methods))  # a method given twice is one row
     data_root = str(Path(data_root).expanduser().resolve()) if data_root else None
     cells = []
-    for model in models:
-        for ds in datasets:
+    for model in dict.fromkeys(models):
+        for ds in dict.fromkeys(datasets):
             name, _, split = ds.partition(":")
             for spec in resolved:
                 cells.append(Cell(model=str(model), method=spec, dataset=name, split=split or "val", decode=decode,
@@ -252,6 +252,11 @@ def _run_cell(model: Any, cell: Cell, samples: list[Any], cells_dir: Path, cache
             r = model.segment(s.image, s.query, method, is_sentence=s.is_sentence, sample_key=s.id, prepared=prep,
                               image_embeddings=emb, stopwatch=watch, decode=cell.decode, instances=s.instances)
             gt = s.gt_mask()
+            if gt.shape != r.mask.shape:
+                where = s.image if isinstance(s.image, (str, Path)) else f"the image of sample {s.id}"
+                raise ValueError(f"{where} is {r.mask.shape[1]}x{r.mask.shape[0]} pixels but its annotation is "
+                                 f"{gt.shape[1]}x{gt.shape[0]} ({cell.dataset}:{cell.split} sample {s.id}); "
+                                 f"replace the image or fix its annotation")
             inter, union = intersection_union(r.mask, gt)
             latency = dict(r.latency)
             latency.pop("sam_encoder", None)  # measured in the cache when it ran; absent when it was reused

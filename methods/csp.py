@@ -53,14 +53,51 @@ def preset(ratio: int, info: ModelInfo) -> tuple[int, int, int, int]:
     return block[ratio] if block else scale_config(PRESETS[ratio], info)
 
 
+def layer_pairs(config: tuple[int, int, int, int], info: ModelInfo) -> list[tuple[float, int, int]]:
+    """(distance, L_c, L_s) for the model, nearest first to the configuration's layers scaled by L / 32: both at
+    least 1, L_c + L_s <= L, in the configuration's order of L_s and L_c (the paper's L_s < L_c, or Table 6's equal
+    or larger L_s at 70 and 65%)."""
+    l_c, _, l_s, _ = config
+    layers = info.n_layers
+    order = (l_s > l_c) - (l_s < l_c)
+    want_c, want_s = l_c * layers / REFERENCE[0], l_s * layers / REFERENCE[0]
+    pairs = [(abs(lc - want_c) + abs(ls - want_s), lc, ls) for lc in range(1, layers)
+             for ls in range(1, layers - lc + 1) if (ls > lc) - (ls < lc) == order]
+    return sorted(pairs)
+
+
+def scaled_tokens(k: int, n: int) -> int:
+    """A token count given for 256 image tokens on a model with n: round(k n / 256), in 1..n."""
+    return max(1, min(n, round(k * n / REFERENCE[1])))
+
+
 def scale_config(config: tuple[int, int, int, int], info: ModelInfo) -> tuple[int, int, int, int]:
-    """A (L_c, N_c, L_s, N_p) given for 32 layers and 256 image tokens, scaled to the model: layer counts by L / 32
-    and token counts by N / 256 (rounded, at least 1), with L_c + L_s at most L."""
+    """A (L_c, N_c, L_s, N_p) given for 32 layers and 256 image tokens, scaled to the model so that it keeps its
+    pruning ratio (eq. 9) and its stage order.
+
+    Rule: N_p scales by N / 256; (L_c, L_s) is the nearest of `layer_pairs`, and N_c is solved from eq. 9 for the
+    configuration's own N_avg / N (rounded). Pairs are taken by distance, ties by how close N_c comes to
+    N_c N / 256, until N_c lies in 1..N. (Rounding L_c and L_s separately instead ran Table 1's default at 65.6%
+    instead of 71.5% on 8 layers, with L_s = L_c.) Raises ValueError when no pair keeps the ratio (90% on 8
+    layers: one scattering layer already averages N / 8).
+    """
     l_c, n_c, l_s, n_p = config
     layers, n = info.n_layers, info.n_image_tokens
-    lc = min(max(1, round(l_c * layers / REFERENCE[0])), layers - 1)
-    ls = min(max(1, round(l_s * layers / REFERENCE[0])), layers - lc)
-    return lc, max(1, min(n, round(n_c * n / REFERENCE[1]))), ls, max(1, min(n, round(n_p * n / REFERENCE[1])))
+    if (layers, n) == REFERENCE:
+        return config
+    target = n_avg(l_c, n_c, l_s, n_p, REFERENCE[1], REFERENCE[0]) / REFERENCE[1] * n  # N_avg at the same ratio
+    np_ = scaled_tokens(n_p, n)
+    options = []
+    for distance, lc, ls in layer_pairs(config, info):
+        nc = round((target * layers - n * ls - np_ * (layers - lc - ls)) / lc)  # eq. 9 solved for N_c
+        if 1 <= nc <= n:
+            options.append((distance, abs(nc - n_c * n / REFERENCE[1]), lc, nc, ls))
+    if not options:
+        raise ValueError(f"csp: ({l_c}, {n_c}, {l_s}, {n_p}) prunes {100 * (1 - target / n):.1f}% of the tokens on "
+                         f"32 layers, which no (L_c, N_c, L_s) keeps on the model's {layers} layers; give l_c, n_c, "
+                         f"l_s and n_p, or a budget")
+    _, _, lc, nc, ls = min(options)
+    return lc, nc, ls, np_
 
 
 def n_avg(l_c: int, n_c: int, l_s: int, n_p: int, n: int, layers: int) -> float:
@@ -112,8 +149,10 @@ class LVLMCSP(Method):
 
     Unset (L_c, N_c, L_s, N_p) take the `preset`'s (Table 6), else Table 1's (8, 64, 6, 16). Table 6 has blocks for
     LLaVA-1.5-7B at 224 and 336 px and 13B at 224 px; a model with one of those layouts (32 or 40 layers, 256 or 576
-    tokens) gets that block as printed, any other model the 7B 224-px values scaled: layers by L / 32, tokens by
-    N / 256. N_c or N_p at or above N keep every token in that stage.
+    tokens) gets that block as printed, any other model the 7B 224-px values scaled so that each keeps its pruning
+    ratio and its order of L_s and L_c (`scale_config`: layers near l L / 32, N_p by N / 256, N_c solved from eq. 9;
+    on 8 layers Table 1's default becomes (2, 124, 1, 16) at 71.5%). N_c or N_p at or above N keep every token in
+    that stage.
 
     Pruning ranks the image tokens by the head-mean attention of the [SEG] row (eq. 8) in the last scattering layer
     (L_c + L_s - 1), recomputed from that layer's input; `prune_row=seg_source` ranks with the token before [SEG]
@@ -192,8 +231,11 @@ class LVLMCSP(Method):
         counts capped at N (resolved once per model)."""
         if info in self._configs:
             return self._configs[info]
-        default = preset(self.preset, info) if self.preset is not None else scale_config(TABLE1, info)
         given = (self.l_c, self.n_c, self.l_s, self.n_p)
+        if None not in given:
+            default = given
+        else:
+            default = preset(self.preset, info) if self.preset is not None else scale_config(TABLE1, info)
         l_c, n_c, l_s, n_p = (d if v is None else v for v, d in zip(given, default, strict=True))
         self._configs[info] = l_c, min(n_c, info.n_image_tokens), l_s, min(n_p, info.n_image_tokens)
         return self._configs[info]
@@ -300,18 +342,24 @@ class LVLMCSP(Method):
         fill = cls(**fixed).fill == "prune"
         reduction = 100 * (1 - n_avg_target / n)
         no_room = False
+        block = TABLE6.get((layers, n))
         for ratio in sorted(PRESETS, key=lambda r: abs(r - reduction)):
-            l_c, _, l_s, n_p = preset(ratio, info)
-            l_p = layers - l_c - l_s
-            n_c = round((n_avg_target * layers - n * l_s - n_p * l_p) / l_c)
-            if n_c > n and l_p > 0:  # a mild budget: every token in clustering, solve the pruning count
-                n_c, n_p = n, round((n_avg_target * layers - n * (l_c + l_s)) / l_p)
-            if not (1 <= n_c <= n and 1 <= n_p <= n):
-                continue
-            if fill and n_c < n and (l_p < 1 or n_p + math.ceil((n_c - 1) * l_c / l_p) > n):
-                no_room = True  # an image with one selected token would leave budget the pruning stage cannot take
-                continue
-            return cls(**{**fixed, "l_c": l_c, "n_c": n_c, "l_s": l_s, "n_p": n_p})
+            if block:  # the model's own Table 6 block: its layers and N_p as printed
+                candidates = [(block[ratio][0], block[ratio][2], block[ratio][3])]
+            else:  # the 7B 224-px preset's layers scaled, nearest pair first (`layer_pairs`)
+                n_p0 = scaled_tokens(PRESETS[ratio][3], n)
+                candidates = [(lc, ls, n_p0) for _, lc, ls in layer_pairs(PRESETS[ratio], info)]
+            for l_c, l_s, n_p in candidates:
+                l_p = layers - l_c - l_s
+                n_c = round((n_avg_target * layers - n * l_s - n_p * l_p) / l_c)
+                if n_c > n and l_p > 0:  # a mild budget: every token in clustering, solve the pruning count
+                    n_c, n_p = n, round((n_avg_target * layers - n * (l_c + l_s)) / l_p)
+                if not (1 <= n_c <= n and 1 <= n_p <= n):
+                    continue
+                if fill and n_c < n and (l_p < 1 or n_p + math.ceil((n_c - 1) * l_c / l_p) > n):
+                    no_room = True  # an image with one selected token would leave budget the pruning stage cannot take
+                    continue
+                return cls(**{**fixed, "l_c": l_c, "n_c": n_c, "l_s": l_s, "n_p": n_p})
         if no_room:
             raise ValueError(f"csp: N_avg {n_avg_target:.1f} cannot be met on every image with seg_first's "
                              f"fill=prune (its pruning stage cannot take the whole clustering budget); ask for a "

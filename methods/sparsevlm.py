@@ -38,6 +38,18 @@ SCHEDULES = {  # RETAIN_TOKN -> image tokens kept after each pruning layer (scor
 RECYCLE_FRACTION = 0.3  # the top 30% (+1) of the pruned tokens are recycled (modelling_sparse_llama.py)
 
 
+def scale_pruning_layers(n_layers: int) -> list[int]:
+    """The official pruning layers scaled so that each stage keeps its official share of the depth.
+
+    A pruning layer's *output* is pruned, so the stage boundaries (the first layer at each smaller count) are p + 1:
+    3, 7 and 16 of 32, i.e. stages of 3, 4, 9 and 16 layers. The boundaries are scaled (`scale_layers`:
+    round(b L / 32), strictly increasing) and the pruning layers are the layers before them: 8 layers ->
+    boundaries [1, 2, 4], pruning layers [0, 1, 3] (stages of 1, 1, 2 and 4 layers); 32 -> [2, 6, 15]; 40 ->
+    [3, 8, 19].
+    """
+    return [b - 1 for b in scale_layers([p + 1 for p in OFFICIAL_LAYERS], n_layers)]
+
+
 def recycled_count(pruned: int) -> tuple[int, int]:
     """(candidates, clusters) for `pruned` dropped tokens: int(0.3 p) + 1 candidates, int(n / 10) + 1 clusters."""
     candidates = int(pruned * RECYCLE_FRACTION) + 1
@@ -108,11 +120,11 @@ class SparseVLM(Method):
 
     Official defaults: pruning layers [2, 6, 15] of 32 (0-based; the layer runs on all tokens and its output is
     pruned, so layers 0..2 see all 576 tokens), RETAIN_TOKN 192 -> keep [300, 200, 110] of 576, recycling on. On a
-    model that is not 32 layers deep the layers are scaled by depth: round(b L / 32), kept strictly increasing
-    (8 layers: [1, 2, 4]). On a model with N image tokens the keep counts of a schedule are scaled by
-    round(k N / 576) (N = 256, retain 192: [133, 89, 49]). The number of merged tokens follows from the counts
-    alone (int(0.3 p) + 1 candidates of the p pruned, int(n / 10) + 1 clusters), so the per-layer image-token
-    schedule, merged tokens included, is known before the input is.
+    model that is not 32 layers deep each stage keeps its official share of the depth (`scale_pruning_layers`: the
+    boundaries p + 1 scaled by round(b L / 32); 8 layers: [0, 1, 3]). On a model with N image tokens the keep
+    counts of a schedule are scaled by round(k N / 576) (N = 256, retain 192: [133, 89, 49]). The number of merged
+    tokens follows from the counts alone (int(0.3 p) + 1 candidates of the p pruned, int(n / 10) + 1 clusters), so
+    the per-layer image-token schedule, merged tokens included, is known before the input is.
 
     Budget mapping: scales the retain-192 schedule's keep fractions by one factor s (keep_j = round(s N k_j / 576),
     clipped to 1..N; bisection on s) so that N_avg, counted as the ledger counts it (the pruning layer at its full
@@ -124,7 +136,7 @@ class SparseVLM(Method):
         keep: image tokens kept after each pruning layer, one count per layer, not increasing (-1 keeps every image
             token at that layer); overrides `retain`.
         layers: the pruning layers (0-based; tokens are dropped from their output; null: [2, 6, 15] scaled to the
-            model's depth).
+            model's depth, stage by stage).
         recycle: merge the best of the pruned tokens back in (v1.0); false drops them.
     """
 
@@ -137,7 +149,10 @@ class SparseVLM(Method):
     keep_all = {"keep": [-1, -1, -1], "recycle": False}
     budget_params = ("retain", "keep")
     deviations = (
-        "layers and keep counts are scaled to the model's depth and image-token count; a keep count >= the current "
+        "follows the official code's fixed schedules (RETAIN_TOKN -> keep counts at fixed layers), not the paper's "
+        "rank-based adaptive count of tokens to keep; "
+        "layers and keep counts are scaled to the model's depth (each stage its official share of the layers) and "
+        "image-token count; a keep count >= the current "
         "image tokens keeps them all (the official top-k takes at most current - 1, so it always drops one); the "
         "official 1e-6 random noise on the DPC-kNN density (a tie-breaker) is left out, so runs are deterministic; "
         "pairwise distances come from the Gram matrix in fp32 (official: all pairwise differences, model dtype); "
@@ -169,7 +184,7 @@ class SparseVLM(Method):
         self.retain, self.keep, self.layers, self.recycle = None if keep is not None else retain, keep, layers, recycle
 
     def pruning_layers(self, info: ModelInfo) -> list[int]:
-        return list(self.layers) if self.layers is not None else scale_layers(OFFICIAL_LAYERS, info.n_layers)
+        return list(self.layers) if self.layers is not None else scale_pruning_layers(info.n_layers)
 
     def keep_counts(self, info: ModelInfo) -> list[int]:
         """Image tokens kept after each pruning layer on this model (-1: all)."""
@@ -243,7 +258,7 @@ class SparseVLM(Method):
     def for_budget(cls, info: ModelInfo, n_avg: float, **fixed) -> SparseVLM:
         n = info.n_image_tokens
         base = SCHEDULES[192]
-        layers = fixed.get("layers") or scale_layers(OFFICIAL_LAYERS, info.n_layers)
+        layers = fixed.get("layers") or scale_pruning_layers(info.n_layers)
         if len(layers) != len(base):
             raise ValueError(f"sparsevlm: the budget mapping scales the 3-layer retain-192 schedule; give 3 layers, "
                              f"got {layers}")

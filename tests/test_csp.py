@@ -11,7 +11,7 @@ import torch
 
 from harness.datasets import load_dataset
 from harness.method import ModelInfo, create_method
-from harness.methods.csp import LVLMCSP, PRESETS, n_avg, seg_first_indices
+from harness.methods.csp import LVLMCSP, PRESETS, TABLE1, n_avg, seg_first_indices
 from harness.model import TINY, build_random, tiny_tokenizer
 from harness.state import Kind
 from tests.conftest import QUERY
@@ -257,7 +257,16 @@ def test_seg_first_budget_without_room_for_the_fill_is_refused(tiny, image):
 
 def test_presets_scale_to_the_model():
     info = replace(INFO8, n_image_tokens=576, grid=(24, 24))
-    assert LVLMCSP(preset=75).config(info) == (2, 144, 2, 9)  # (8, 64, 6, 4) x (8 / 32, 576 / 256)
+    assert LVLMCSP(preset=75).config(info) == (2, 286, 1, 9)  # (8, 64, 6, 4): layers near x 8 / 32, N_c from eq. 9
+    for ratio, (l_c, n_c, l_s, n_p) in [(None, TABLE1), *PRESETS.items()]:
+        if ratio == 90:  # one scattering layer of 256 already averages 32 > 29.1 on 8 layers
+            with pytest.raises(ValueError, match="no \\(L_c, N_c, L_s\\) keeps"):
+                LVLMCSP(preset=ratio).config(INFO8)
+            continue
+        lc, nc, ls, np_ = LVLMCSP(preset=ratio).config(INFO8)
+        paper = n_avg(l_c, n_c, l_s, n_p, 256, 32) / 256
+        assert abs(n_avg(lc, nc, ls, np_, 256, 8) / 256 - paper) < 0.005  # the preset's pruning ratio is kept
+        assert (ls > lc) - (ls < lc) == (l_s > l_c) - (l_s < l_c)  # and its stage order (the paper's L_s < L_c)
     assert LVLMCSP(preset=65).config(replace(info, n_layers=32)) == (6, 128, 9, 32)  # Table 6's 336-px block
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -151,3 +152,129 @@ def test_viz_limit_below_one_is_one_line(tmp_path):
     assert CliRunner().invoke(main, [*RUN, "--method", "none", "--out", str(tmp_path)]).exit_code == 0
     for limit in ("0", "-38"):
         one_line_error(CliRunner().invoke(main, ["viz", str(tmp_path), "--limit", limit]), "--limit must be at least 1")
+
+
+def test_a_wrong_size_image_or_a_bad_rle_names_the_file(tmp_path):
+    from PIL import Image
+
+    from tests.test_datasets import _refer_root
+
+    root = _refer_root(tmp_path / "data")
+    images = root / "refer_seg" / "images" / "mscoco" / "images" / "train2014"
+    Image.new("RGB", (30, 20)).save(images / "COCO_train2014_000000000001.jpg")  # the annotation says 60x40
+    out = CliRunner().invoke(main, ["run", "--model", "random:tiny", "--dataset", "refcoco:val", "--method", "none",
+                                    "--data-root", str(root), "--out", str(tmp_path / "run")])
+    one_line_error(out, "COCO_train2014_000000000001.jpg is 30x20 pixels but its annotation is 60x40")
+
+    inst = root / "refer_seg" / "refcoco" / "instances.json"
+    data = json.loads(inst.read_text())
+    data["annotations"][1]["segmentation"] = {"size": [40, 60], "counts": [5, 9999]}
+    inst.write_text(json.dumps(data))
+    out = CliRunner().invoke(main, ["run", "--model", "random:tiny", "--dataset", "refcoco:testA", "--method", "none",
+                                    "--data-root", str(root), "--out", str(tmp_path / "run")])
+    one_line_error(out, f"annotation 12 in {inst}: cannot decode its segmentation")
+
+
+def test_a_method_given_twice_is_one_row_and_the_table_shows_the_spec_as_written(tmp_path):
+    out = CliRunner().invoke(main, [*RUN, "--method", "none", "--method", "fastv", "--method", "fastv:k=2",
+                                    "--method", "csp:cluster=cls", "--out", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    labels = [line.split()[0] for line in out.output.splitlines()[2:5]]
+    assert labels == ["none", "fastv", "csp:cluster=cls"] and "null" not in out.output
+    assert "csp:l_c=null" in (tmp_path / "config.json").read_text()  # the resolved spec stays in the run folder
+
+
+def test_latex_header_has_a_real_delta(tmp_path):
+    assert CliRunner().invoke(main, [*RUN, "--method", "none", "--method", "downsample", "--out",
+                                     str(tmp_path)]).exit_code == 0
+    latex = CliRunner().invoke(main, ["table", str(tmp_path), "--format", "latex"]).output
+    assert "$\\Delta$gIoU" in latex and "textbackslash" not in latex and "\\$" not in latex
+
+
+def test_plot_refuses_an_empty_run_and_marks_a_partial_one(tmp_path, monkeypatch):
+    from harness.report import plot_run
+
+    cells = expand_grid(["random:tiny"], ["none", "downsample"], ["toy:val"], limit=2)
+    run_grid(cells[:1], tmp_path / "run")
+    config = tmp_path / "run" / "config.json"
+    cfg = json.loads(config.read_text())
+    empty = tmp_path / "empty"
+    (empty / "cells").mkdir(parents=True)
+    (empty / "config.json").write_text(json.dumps(cfg))
+    for f in (tmp_path / "run" / "cells").glob("*.jsonl"):
+        (empty / "cells" / f.name).write_text("")
+    one_line_error(CliRunner().invoke(main, ["plot", str(empty)]), "no cell with a finished mean gIoU")
+
+    prepared, _, _, _ = prepare_grid(cells)  # the second cell listed in the config but never run: partial grid
+    cfg["cells"].append({**dataclasses.asdict(prepared[1]), "id": prepared[1].id})
+    config.write_text(json.dumps(cfg))
+    titles = []
+    monkeypatch.setattr("matplotlib.figure.Figure.suptitle", lambda self, t, **kw: titles.append(t))
+    plot_run(tmp_path / "run")
+    assert titles and titles[0].endswith("partial: 1 cell(s) unfinished")
+
+
+def test_sigterm_stops_like_ctrl_c_and_writes_the_summary(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import harness.runner as runner
+        real = runner.run_cell
+        def run_then_terminate(*args, **kwargs):  # the second cell is stopped by a scheduler's SIGTERM
+            if (runner.Path({str(tmp_path)!r}) / "summary.done").exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+            out = real(*args, **kwargs)
+            (runner.Path({str(tmp_path)!r}) / "summary.done").touch()
+            return out
+        runner.run_cell = run_then_terminate
+        from harness.cli import main
+        sys.argv = ["segprune", *{[*RUN, "--method", "none", "--method", "downsample", "--out", str(tmp_path)]!r}]
+        main()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 143, done.stderr
+    assert "terminated: finished samples are saved" in done.stderr
+    assert [r["method"] for r in json.loads((tmp_path / "summary.json").read_text())] == ["none", "downsample"]
+    assert [r["n"] for r in json.loads((tmp_path / "summary.json").read_text())] == [1, 0]
+
+
+def test_shapes_ref_is_generated_only_into_the_cache_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGPRUNE_CACHE", str(tmp_path / "cache"))
+    samples = harness.load_dataset("shapes-ref", "testA", root=str(tmp_path / "typo"), limit=1)
+    assert len(samples) == 1 and not (tmp_path / "typo").exists()
+    assert (tmp_path / "cache" / "shapes-ref-v2" / "testA" / "refs(unc).p").is_file()
+    out = CliRunner().invoke(main, ["data", "shapes-ref", "--split", "testA", "--data-root", str(tmp_path / "asked")])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "asked" / "shapes-ref-v2" / "testA" / "refs(unc).p").is_file()
+
+
+def test_a_damaged_or_orphaned_generation_is_repaired_and_the_split_is_shareable(tmp_path):
+    from harness.datasets.shapes import generate
+
+    folder = tmp_path / "shapes-ref-v2" / "val"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = tmp_path / "shapes-ref-v2" / f".val-{gone.pid}-x1y2"  # a generation killed mid-way
+    orphan.mkdir(parents=True)
+    generate("val", folder, n_images=2)
+    (folder / "refs(unc).p").unlink()  # a file deleted by hand
+    generate("val", folder, n_images=2)
+    assert (folder / "refs(unc).p").is_file() and not orphan.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_a_copied_bundled_model_is_checksum_checked(tmp_path):
+    import shutil
+
+    from harness.model import BUNDLED
+
+    copy = tmp_path / "copy"
+    shutil.copytree(BUNDLED, copy)
+    harness.load_model(str(copy))  # intact: loads
+    weights = copy / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        harness.load_model(str(copy))

@@ -15,7 +15,7 @@ from tests.reference import assembled_sequence
 
 LLAVA_7B = ModelInfo(n_layers=32, n_image_tokens=576, grid=(24, 24), hidden_size=4096, n_heads=32, n_kv_heads=32,
                      head_dim=128, intermediate_size=11008, vision_layers=23, vision_hidden_size=1024)
-TINY_LAYERS = [1, 2, 4]  # [2, 6, 15] of 32 scaled to 8 layers
+TINY_LAYERS = [0, 1, 3]  # [2, 6, 15] of 32 scaled to 8 layers stage by stage: 3/4/9/16 of 32 -> 1/1/2/4 of 8
 TINY_KEEP = [133, 89, 49]  # retain 192: [300, 200, 110] of 576 scaled to 256
 
 
@@ -153,9 +153,9 @@ def test_defaults_are_scaled_to_the_tiny_model(tiny):
 def test_without_recycling_counts_follow_the_schedule_and_kept_tokens_equal_eager_reference(tiny_eager, image):
     m = create_method("sparsevlm:recycle=false")
     r = tiny_eager.segment(image, QUERY, m)
-    assert r.trace.image_tokens_per_layer == [256, 256, 133, 89, 89, 49, 49, 49] == m.image_schedule(tiny_eager.info)
+    assert r.trace.image_tokens_per_layer == [256, 133, 89, 89, 49, 49, 49, 49] == m.image_schedule(tiny_eager.info)
     kept, _, seg = _reference_run(tiny_eager, image, TINY_LAYERS, TINY_KEEP, recycle=False)
-    for layer in (2, 3, 5):
+    for layer in [p + 1 for p in TINY_LAYERS]:  # the first layer after each pruning layer
         assert sorted(r.trace.kept_patches[layer]) == kept[layer]
     assert (r.seg_hidden - seg).abs().max() <= 1e-4
 
@@ -180,9 +180,9 @@ def test_ranking_uses_the_raters_not_the_last_token(tiny_eager, image):
 def test_recycled_tokens_are_dpc_knn_cluster_means_of_the_pruned_tokens(tiny_eager, image):
     spy = Spy()
     r = tiny_eager.segment(image, QUERY, spy)
-    assert r.trace.image_tokens_per_layer == [256, 256, 137, 91, 91, 51, 51, 51] == spy.image_schedule(tiny_eager.info)
+    assert r.trace.image_tokens_per_layer == [256, 137, 91, 91, 51, 51, 51, 51] == spy.image_schedule(tiny_eager.info)
     kept, merged_at, seg = _reference_run(tiny_eager, image, TINY_LAYERS, TINY_KEEP, recycle=True)
-    for layer, pruned in ((2, 256 - 133), (3, 137 - 89), (5, 91 - 49)):
+    for layer, pruned in zip([p + 1 for p in TINY_LAYERS], (256 - 133, 137 - 89, 91 - 49), strict=True):
         merged, cand, members = merged_at[layer]
         n_cand = int(pruned * 0.3) + 1
         assert len(cand) == n_cand and len(merged) == int(n_cand / 10) + 1
@@ -237,9 +237,20 @@ def test_budget_mapping_on_32_layers_scales_the_192_schedule():
     assert abs(sum(s) / 32 - 100) <= BUDGET_TOLERANCE * 576
 
 
+def test_layers_keep_each_stages_official_share_of_the_depth(tiny):
+    from harness.methods.sparsevlm import scale_pruning_layers
+
+    assert scale_pruning_layers(32) == [2, 6, 15] and scale_pruning_layers(8) == [0, 1, 3]
+    assert scale_pruning_layers(40) == [3, 8, 19]  # stages of 4, 5, 11, 20 layers: 3/4/9/16 of 32 times 1.25
+    full = create_method("sparsevlm:recycle=false").image_schedule(LLAVA_7B)
+    tiny_sched = create_method("sparsevlm:recycle=false").image_schedule(tiny.info)
+    official, scaled = sum(full) / len(full) / 576, sum(tiny_sched) / len(tiny_sched) / 256
+    assert abs(scaled - official) < 0.04, (scaled, official)  # 8 layers: 37.3% of the tokens; 32 layers: 35.6%
+
+
 def test_budget_errors_say_how_to_fix(tiny):
     with pytest.raises(ValueError, match="out of reach"):
-        create_method("sparsevlm@90%", info=tiny.info)  # layers 0-1 run on all 256 tokens: N_avg >= 64
+        create_method("sparsevlm@90%", info=tiny.info)  # layer 0 runs on all 256 tokens: N_avg >= 32
     with pytest.raises(ValueError, match="keep is what @50% solves for"):
         create_method("sparsevlm:keep=[10,5,2]@50%", info=tiny.info)
     with pytest.raises(ValueError, match="give 3 layers"):
