@@ -354,6 +354,10 @@ def flops(arch, model, text_tokens, method, schedule, image_tokens) -> None:
         m.bind(info)
         click.echo(f"method: {m.spec()}")
         sched = m.image_schedule(info)
+        if sched is None and hasattr(m, "nominal_schedule"):
+            sched = m.nominal_schedule(info)
+            click.echo("note: the nominal schedule (eq. 9, as LVLM_CSP's Table 6 prints it); the realised count "
+                       "depends on each image: run it on a model for measured FLOPs")
         if sched is None:
             raise ValueError(f"{m.name} chooses its token count per input; run it on a model to get its FLOPs")
     ledger = schedule_ledger(a, text_tokens, sched, vision_tokens=a.n_image_tokens if a.vision else None)

@@ -328,11 +328,15 @@ class LVLMCSP(Method):
 
     # -- budgets -----------------------------------------------------------------------------------------------
     def image_schedule(self, info: ModelInfo) -> list[int] | None:
-        l_c, n_c, l_s, n_p = self.config(info)
-        n = info.n_image_tokens
-        if self.cluster == "seg_first" and n_c < n:
+        if self.cluster == "seg_first" and self.config(info)[1] < info.n_image_tokens:
             return None  # Seg-First's per-layer counts depend on the image (with fill=prune their mean does not)
-        return [n_c] * l_c + [n] * l_s + [n_p] * (info.n_layers - l_c - l_s)
+        return self.nominal_schedule(info)
+
+    def nominal_schedule(self, info: ModelInfo) -> list[int]:
+        """Eq. 9's schedule with |S| = N_c: exact for the other clustering modules, and what the paper's Table 6
+        prints for Seg-First, whose realised count depends on the image."""
+        l_c, n_c, l_s, n_p = self.config(info)
+        return [n_c] * l_c + [info.n_image_tokens] * l_s + [n_p] * (info.n_layers - l_c - l_s)
 
     @classmethod
     def for_budget(cls, info: ModelInfo, n_avg_target: float, **fixed) -> LVLMCSP:

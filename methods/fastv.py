@@ -23,8 +23,10 @@ class FastV(Method):
 
     Official defaults K=2, R=0.5 (paper headline). K=0 keeps a random subset (the official code has no attention
     before layer 0). Scores are recomputed for the one query row from layer K-1's input (input_layernorm, q/k, RoPE
-    at the current positions, softmax over all keys, head mean), which equals the eager attention FastV reads,
-    so the model keeps its fused attention backend.
+    at the current positions, softmax over all keys, head mean), so the model keeps its fused attention backend.
+    In fp32 this equals the eager attention FastV reads; in bf16 or fp16 the scores stay fp32, where the official
+    code rounds the probabilities to the model dtype before the head mean (an independent review measured at most
+    one kept token differing in bf16).
 
     Budget mapping: keeps K (default 2) and solves the keep count from N_avg = (K N + (L - K) keep) / L; when K full
     layers leave less than one token for the rest, K is lowered to the largest value that reaches it.
@@ -46,7 +48,9 @@ class FastV(Method):
     budget_params = ("ratio", "keep")
     deviations = ("score=last is the last token of the sequence, as in the official code; in LISA's template mode "
                   "that sequence ends with the teacher-forced answer '[SEG].</s>', so the row is </s> (in generate "
-                  "mode's prefill it is the last prompt token); score=seg ranks with the [SEG]-predicting token")
+                  "mode's prefill it is the last prompt token); score=seg ranks with the [SEG]-predicting token; "
+                  "scores are fp32 in every model dtype (official: probabilities rounded to the model dtype before "
+                  "the head mean; in bf16 at most one kept token differed)")
 
     def __init__(self, k: int = 2, ratio: float | None = 0.5, keep: int | None = None,
                  score: Literal["last", "seg"] = "last", seed: int = 0):

@@ -280,3 +280,13 @@ def test_user_errors_are_one_line(tiny, image):
         with pytest.raises(ValueError, match=match) as err:
             case()
         assert "\n" not in str(err.value)
+
+
+def test_flops_of_a_seg_first_preset_print_the_nominal_schedule():
+    from click.testing import CliRunner
+
+    from harness.cli import main
+
+    out = CliRunner().invoke(main, ["flops", "llava-1.5-7b-224", "--method", "csp:preset=65"])
+    assert out.exit_code == 0, out.output
+    assert "note: the nominal schedule (eq. 9" in out.output and "N_avg 86.5" in out.output  # Table 6: 86
