@@ -37,7 +37,8 @@ class VisionFeatures:
 
     Attributes:
         patches: (1, N, Dv) features fed to the projector.
-        patch_index: (N,) patch (row-major on `grid`) each feature stands for; -1 for synthetic tokens.
+        patch_index: (N,) patch code of each feature: its patch (row-major on `grid`), -1 for a token standing for
+            no patch (CLS), or a merged token's code from `Ledger.merged_token` (<= -2).
         grid: patch grid (h, w) of the tower.
         cls: (1, Dv) CLS state at the selected layer.
         layer_input: (1, 1 + h*w, Dv) input of the selected tower layer (CLS first), to recompute its attention.
@@ -294,8 +295,9 @@ class Trace:
 
     tokens_per_layer: list[int]
     image_tokens_per_layer: list[int]
-    kept_patches: list[list[int]]  # vision-patch indices of the image tokens present in each layer
+    kept_patches: list[list[int]]  # patch codes of the image tokens present in each layer (`LayerRecord.patches`)
     n_avg: float
+    members: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # merged code -> (patch, weight)
 
 
 def sample_rng(method: Method, sample_key: str) -> torch.Generator:
@@ -371,7 +373,7 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
                     ledger.seg_prompts = 1
                 mask = (logits > 0).cpu().numpy()
     trace = Trace(tokens_per_layer=ledger.tokens_per_layer, image_tokens_per_layer=ledger.image_tokens_per_layer,
-                  kept_patches=[r.patches for r in ledger.layers], n_avg=ledger.n_avg)
+                  kept_patches=[r.patches for r in ledger.layers], n_avg=ledger.n_avg, members=ledger.members)
     flops = compute_flops(Arch.from_model(model), ledger, "exact")
     return SegmentResult(mask=mask, logits=logits, seg_hidden=seg_hidden, trace=trace, flops=flops,
                          latency=dict(watch.last), ledger=ledger,

@@ -34,6 +34,7 @@ from harness.engine import DECODE_MODES
 from harness.files import Busy, exclusive, read_json, write_atomic, write_json
 from harness.flops import Arch, llm_total_flops
 from harness.latency import Stopwatch, peak_memory_bytes, reset_peak_memory
+from harness.ledger import patch_shares
 from harness.lockfile import lock_provenance
 from harness.method import Method, budget_spec, create_method, split_budget
 from harness.metrics import aggregate, intersection_union, sample_iou
@@ -132,15 +133,30 @@ def _rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
 
 
-def gt_token_recall(model: Any, gt: np.ndarray, kept: list[list[int]]) -> list[float] | None:
-    """Per LLM layer, the fraction of the ground truth's image tokens still present: the patches the target covers at
-    least half (its most covered patch if none) through the CLIP geometry. A merged token counts only for the patch
-    it is indexed by (pre-LLM merging methods), so recall understates what merged tokens still carry."""
+def gt_token_recall(model: Any, gt: np.ndarray, kept: list[list[int]],
+                    members: dict[int, list[tuple[int, float]]] | None = None) -> list[float] | None:
+    """Per LLM layer, how much of the ground truth's image tokens is still present: the target patches are those it
+    covers at least half (its most covered patch if none) through the CLIP geometry; each counts as present to the
+    extent the layer's tokens carry it (`patch_shares`: 1 for its own token, its share w_p / sum(w) in a merged,
+    pooled or recycled token, summed and capped at 1); recall is the mean over target patches."""
     if not (gt == 1).any():  # no target region (an empty ground truth): nothing to recall
         return None
     cov = model.patch_coverage((gt == 1)[None])[0]
     target = set((cov >= 0.5).nonzero().squeeze(1).tolist()) or {int(cov.argmax())}
-    return [round(len(target.intersection(layer)) / len(target), 4) for layer in kept]
+    out, shares = [], {}
+    for layer in kept:
+        if not members or min(layer, default=0) >= -1:  # single patches only: as cheap as a set intersection
+            out.append(round(len(target.intersection(layer)) / len(target), 4))
+            continue
+        carried: dict[int, float] = {}
+        for code in layer:
+            if code not in shares:
+                shares[code] = patch_shares(code, members)
+            for patch, share in shares[code].items():
+                if patch in target:
+                    carried[patch] = carried.get(patch, 0.0) + share
+        out.append(round(sum(min(1.0, v) for v in carried.values()) / len(target), 4))
+    return out
 
 
 def _segments(per_layer: list[list[int]]) -> list[list[Any]]:
@@ -267,7 +283,9 @@ def _run_cell(model: Any, cell: Cell, samples: list[Any], cells_dir: Path, cache
                 "iou": sample_iou(inter, union), "n_avg": r.trace.n_avg,
                 "image_tokens_per_layer": r.trace.image_tokens_per_layer,
                 "tokens_per_layer": r.trace.tokens_per_layer, "kept_patches": _segments(r.trace.kept_patches),
-                "gt_recall": gt_token_recall(model, gt, r.trace.kept_patches),
+                "merged_members": {str(code): [[p, float(f"{w:.4g}")] for p, w in pairs]
+                                   for code, pairs in r.trace.members.items()},
+                "gt_recall": gt_token_recall(model, gt, r.trace.kept_patches, r.trace.members),
                 "flops": r.flops, "llm_flops": {c: llm_total_flops(arch, r.ledger, c) for c in ("csp", "routing")},
                 "latency_s": latency, "peak_mem_bytes": peak_memory_bytes(model.device), "mask_rle": _rle(r.mask),
             }

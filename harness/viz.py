@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from harness.files import read_json
+from harness.ledger import patch_shares
 
 
 def patch_boxes(height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
@@ -109,6 +110,7 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
             grid = tuple(read_json(run_dir / "cells" / f"{r['cell']}.json", META_RECOVER).get("grid") or
                          (math.isqrt(max(rec["image_tokens_per_layer"])),) * 2)
             boxes = patch_boxes(h, w, grid)
+            members = {int(code): pairs for code, pairs in rec.get("merged_members", {}).items()}
             axes[i, 0].imshow(image)
             axes[i, 0].imshow(np.ma.masked_where(~gt, gt), cmap="summer", alpha=0.55, vmin=0, vmax=1)
             axes[i, 0].set_title("ground truth", fontsize=7)
@@ -121,13 +123,15 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
             for k, (a, b, patches) in enumerate(row_stages):
                 ax = axes[i, 2 + k]
                 ax.imshow(image)
-                kept = np.zeros(len(boxes), bool)
-                index = np.asarray([p for p in patches if p >= 0], dtype=int)  # -1: a token standing for no patch
-                if index.size and index.max() >= len(boxes):
-                    raise ValueError(f"{r['cell']}: patch {index.max()} is outside the {grid} grid of its cell")
-                kept[index] = True
-                for x0, y0, x1, y1 in boxes[~kept]:
-                    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, color="black", alpha=0.65, lw=0))
+                carried = np.zeros(len(boxes))  # how much of each patch the stage's tokens carry (merged: a share)
+                for code in patches:
+                    for p, share in patch_shares(code, members).items():
+                        if p >= len(boxes):
+                            raise ValueError(f"{r['cell']}: patch {p} is outside the {grid} grid of its cell")
+                        carried[p] += share
+                for (x0, y0, x1, y1), c in zip(boxes, np.minimum(carried, 1.0), strict=True):
+                    if c < 1:  # dropped patches dark, patches only merged into other tokens in proportion
+                        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, color="black", alpha=0.65 * (1 - c), lw=0))
                 ax.contour(gt, levels=[0.5], colors="lime", linewidths=0.6)
                 layers = f"layer {a}" if a == b else f"layers {a}-{b}"
                 ax.set_title(f"{layers}: {len(patches)} tokens", fontsize=7)

@@ -116,9 +116,14 @@ class Downsample(Method):
         pool = F.avg_pool2d if self.mode == "avg" else F.max_pool2d
         y = pool(x, s, s, ceil_mode=True)  # (1, Dv, h', w')
         hh, ww = y.shape[-2:]
-        # each pooled token stands for the top-left patch of its window
-        rows = torch.arange(hh, device=x.device)[:, None] * s * w + torch.arange(ww, device=x.device)[None] * s
-        return VisionFeatures(patches=y.flatten(2).transpose(1, 2), patch_index=rows.flatten(), grid=feats.grid,
+        codes = []  # each pooled token stands for the patches of its window (equal weights; max: per channel)
+        for r in range(hh):
+            for c in range(ww):
+                window = [y0 * w + x0 for y0 in range(r * s, min(h, r * s + s))
+                          for x0 in range(c * s, min(w, c * s + s))]
+                codes.append(ctx.ledger.merged_token(window, [1.0] * len(window)) if len(window) > 1 else window[0])
+        index = torch.tensor(codes, dtype=torch.long, device=x.device)
+        return VisionFeatures(patches=y.flatten(2).transpose(1, 2), patch_index=index, grid=feats.grid,
                               cls=feats.cls, layer_input=feats.layer_input, layer=feats.layer, tower=feats.tower)
 
     def image_schedule(self, info: ModelInfo) -> list[int]:

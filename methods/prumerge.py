@@ -63,7 +63,8 @@ def iqr_ratio(a: Tensor) -> float:
 
 def merge(feats: VisionFeatures, a: Tensor, keys: Tensor, kept: Tensor, ctx: Context) -> VisionFeatures:
     """y_i = H_i + sum of a_j H_j over the KNN patches j != i most cosine-similar to i, for each kept i (in the given
-    order), then e = sum of a_j H_j over the patches not kept; patch index -1 for e."""
+    order), then e = sum of a_j H_j over the patches not kept. Every token is recorded as merged
+    (`Ledger.merged_token`), with these weights."""
     h = feats.patches[0]  # (N, C)
     n, c = h.shape
     with ctx.overhead():
@@ -79,7 +80,13 @@ def merge(feats: VisionFeatures, a: Tensor, keys: Tensor, kept: Tensor, ctx: Con
     ctx.ledger.add_method_matmul(len(kept), keys.shape[-1], n)  # similarities
     ctx.ledger.add_method_matmul(len(kept), nbr.shape[1], c)  # weighted neighbour sums
     ctx.ledger.add_method_matmul(1, int(rest.sum()), c)  # the extra token
-    index = torch.cat([kept, torch.tensor([-1], device=kept.device)])
+    # y_i = H_i + sum_j a_j H_j: patch i at weight 1, its neighbours at their attention; e: the rest at theirs
+    a_list, codes = a.tolist(), []
+    for i, nb in zip(kept.tolist(), nbr.tolist(), strict=True):
+        codes.append(ctx.ledger.merged_token([i, *nb], [1.0, *(a_list[j] for j in nb)]))
+    others = rest.nonzero().squeeze(1).tolist()
+    codes.append(ctx.ledger.merged_token(others, [a_list[j] for j in others]))
+    index = torch.tensor(codes, dtype=torch.long, device=kept.device)
     return replace(feats, patches=torch.cat([y, extra])[None], patch_index=index)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from harness.engine import Context
-from harness.ledger import Ledger
+from harness.ledger import Ledger, patch_shares
 from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, achieved_n_avg, register, scale_layers
 from harness.state import Kind, TokenState
 
@@ -79,7 +79,7 @@ def text_raters(state: TokenState, ledger: Ledger | None = None) -> Tensor:
     return raters
 
 
-def cluster_and_merge(x: Tensor, n_clusters: int, ledger: Ledger | None = None) -> Tensor:
+def cluster_and_merge(x: Tensor, n_clusters: int, ledger: Ledger | None = None) -> tuple[Tensor, Tensor]:
     """DPC-kNN clustering of `x`, each cluster averaged (official `cluster_and_merge`, after TCFormer's DPC-kNN).
 
     distance = L2 / sqrt(C); density = exp(-mean of the squared distances to the n_clusters nearest tokens (itself
@@ -92,7 +92,7 @@ def cluster_and_merge(x: Tensor, n_clusters: int, ledger: Ledger | None = None) 
         ledger: where the distance matmul is recorded (None: not recorded).
 
     Returns:
-        (n_clusters, C) the mean of each cluster, in centre order, in fp32.
+        (n_clusters, C) the mean of each cluster, in centre order, in fp32; (m,) the cluster of each token.
     """
     m, c = x.shape
     x = x.float()
@@ -110,7 +110,7 @@ def cluster_and_merge(x: Tensor, n_clusters: int, ledger: Ledger | None = None) 
     assign[centres] = torch.arange(n_clusters, device=x.device)
     total = x.new_zeros(n_clusters, c).index_add_(0, assign, x)  # (k, C)
     count = torch.bincount(assign, minlength=n_clusters).to(x.dtype)  # (k,) >= 1: each centre is in its cluster
-    return total / count[:, None]
+    return total / count[:, None], assign
 
 
 @register("sparsevlm")
@@ -238,8 +238,10 @@ class SparseVLM(Method):
         pruned = img[order[keep:]]  # (p,) by relevance, descending
         n_cand, n_clusters = recycled_count(len(pruned))
         candidates = state.hidden[0, pruned[:n_cand]]  # (n, d) output of the pruning layer, best first
-        merged = cluster_and_merge(candidates, n_clusters, ctx.ledger).to(state.hidden.dtype)  # (c, d)
-        return insert_after_image(out, merged)
+        merged, assign = cluster_and_merge(candidates, n_clusters, ctx.ledger)  # (c, d), (n,)
+        pairs = list(zip(assign.tolist(), state.patch[pruned[:n_cand]].tolist(), strict=True))  # (cluster, code)
+        codes = [merged_members(ctx.ledger, [code for a, code in pairs if a == k]) for k in range(n_clusters)]
+        return insert_after_image(out, merged.to(state.hidden.dtype), codes)
 
     # -- schedules and budgets -------------------------------------------------------------------------------------
     def image_schedule(self, info: ModelInfo) -> list[int]:
@@ -281,8 +283,18 @@ class SparseVLM(Method):
         return best
 
 
-def insert_after_image(state: TokenState, merged: Tensor) -> TokenState:
-    """Insert synthetic image tokens (kind IMAGE, patch -1) right after the last image row.
+def merged_members(ledger: Ledger, codes: list[int]) -> int:
+    """The code of a token that is the mean of the image tokens `codes`: each one's patches at its share."""
+    patches: dict[int, float] = {}
+    for code in codes:
+        for patch, share in patch_shares(code, ledger.members).items():
+            patches[patch] = patches.get(patch, 0.0) + share / len(codes)
+    return ledger.merged_token(list(patches), list(patches.values()))
+
+
+def insert_after_image(state: TokenState, merged: Tensor, codes: list[int]) -> TokenState:
+    """Insert synthetic image tokens (kind IMAGE, patch code `codes`: `Ledger.merged_token`) right after the last
+    image row.
 
     Their `index` is that of the last kept image token: rows stay ordered by index (non-decreasing), text indices
     stay unique, so the [SEG] lookup (which compares its predecessor's index) is unaffected; under the "reindex"
@@ -292,6 +304,7 @@ def insert_after_image(state: TokenState, merged: Tensor) -> TokenState:
     Args:
         state: the sequence after the drop.
         merged: (c, d) hidden states of the inserted tokens.
+        codes: their patch codes.
     """
     at = int(state.image_rows[-1]) + 1
     c, dev = merged.shape[0], state.index.device
@@ -300,7 +313,7 @@ def insert_after_image(state: TokenState, merged: Tensor) -> TokenState:
         index=torch.cat([state.index[:at], state.index[at - 1].repeat(c), state.index[at:]]),
         kind=torch.cat([state.kind[:at], torch.full((c,), int(Kind.IMAGE), dtype=state.kind.dtype, device=dev),
                         state.kind[at:]]),
-        patch=torch.cat([state.patch[:at], torch.full((c,), -1, dtype=state.patch.dtype, device=dev),
+        patch=torch.cat([state.patch[:at], torch.tensor(codes, dtype=state.patch.dtype, device=dev),
                          state.patch[at:]]),
         held=state.held,
     )

@@ -94,7 +94,14 @@ class VisionZip(Method):
                 count = torch.bincount(owner, minlength=len(targets)).to(h.dtype)[:, None]
                 ctx_tokens = hr[targets] + total / count.clamp(min=1)  # no members: total is 0
                 tokens.append(ctx_tokens)
-                index.append(rest[targets] - 1)
+                # each contextual token: its target patch (weight 1) plus the mean of its members (1 / count each)
+                patch, owners = (rest - 1).tolist(), owner.tolist()
+                codes = []
+                for j, t in enumerate(targets.tolist()):
+                    mine = [patch[int(m)] for m, o in zip(members.tolist(), owners, strict=True) if o == j]
+                    codes.append(ctx.ledger.merged_token([patch[t], *mine], [1.0] + [1 / len(mine)] * len(mine))
+                                 if mine else patch[t])
+                index.append(torch.tensor(codes, dtype=torch.long, device=dev))
                 ctx.ledger.add_method_matmul(len(members), metric.shape[1], len(targets))
         return replace(feats, patches=torch.cat(tokens)[None], patch_index=torch.cat(index))
 

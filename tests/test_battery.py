@@ -40,7 +40,9 @@ def test_runs_and_trace_matches_ledger_and_schedule(name, tiny, image):
     assert len(r.trace.image_tokens_per_layer) == info.n_layers
     assert [len(p) for p in r.trace.kept_patches] == r.trace.image_tokens_per_layer
     assert r.trace.image_tokens_per_layer == [rec.n_image for rec in r.ledger.layers]
-    assert all(-1 <= p < info.n_image_tokens for layer in r.trace.kept_patches for p in layer)  # -1: synthetic
+    # a patch, -1 (a token standing for no patch), or a merged token whose members are patches
+    assert all(-1 <= p < info.n_image_tokens or p in r.trace.members for layer in r.trace.kept_patches for p in layer)
+    assert all(0 <= p < info.n_image_tokens and w >= 0 for pairs in r.trace.members.values() for p, w in pairs)
     schedule = method.image_schedule(info)
     if schedule is not None:
         assert r.trace.image_tokens_per_layer == schedule

@@ -107,17 +107,35 @@ def images(n):
     return out
 
 
+def centres(r) -> list[int]:
+    """Each input token's own patch: a merged token's first member (PruMerge's centre, VisionZip's target)."""
+    return [r.trace.members[c][0][0] if c <= -2 else c for c in r.trace.kept_patches[0]]
+
+
+def check_prumerge_members(r, kept, n=256):
+    """Every PruMerge token is recorded as merged: a centre at weight 1 with its 32 neighbours at their attention
+    (a sum below 1: CLS attention over all patches sums to 1), and the extra token over every patch not kept."""
+    codes = r.trace.kept_patches[0]
+    for code in codes[:-1]:
+        pairs = r.trace.members[code]
+        assert len(pairs) == 33 and pairs[0][1] == 1.0 and sum(w for _, w in pairs[1:]) < 1
+        assert len({p for p, _ in pairs}) == 33  # distinct neighbours, not the centre itself
+    assert sorted(p for p, _ in r.trace.members[codes[-1]]) == sorted(set(range(n)) - {int(i) for i in kept})
+
+
 @pytest.mark.parametrize("k", range(3))
 def test_prumerge_adaptive_k_is_the_iqr_count_and_tokens_follow_the_formulas(tiny, k):
     image = images(3)[k]  # 9, 2 and 2 outliers
     got, r = projector_input(tiny, image, "prumerge")
     kept, want, outliers = prumerge_reference(tiny, image)
     assert outliers > 0 and len(kept) == outliers and got.shape[0] == outliers + 1  # centres plus the extra token
-    assert r.trace.kept_patches[0] == [int(i) for i in kept] + [-1]  # descending attention, extra last
+    assert centres(r)[:-1] == [int(i) for i in kept]  # descending attention, extra last
+    check_prumerge_members(r, kept)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     got, r = projector_input(tiny, image, "prumerge+")
     kept, want, _ = prumerge_reference(tiny, image, plus=True)
-    assert r.trace.kept_patches[0] == [int(i) for i in kept] + [-1]
+    assert centres(r)[:-1] == [int(i) for i in kept]
+    check_prumerge_members(r, kept)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -128,7 +146,7 @@ def test_prumerge_fixed_ratio_and_prumerge_plus_follow_the_formulas(tiny, image)
     for spec, ratio in (("prumerge+", None), ("prumerge+:ratio=0.05", 0.05)):
         got, r = projector_input(tiny, image, spec)
         kept, want, _ = prumerge_reference(tiny, image, plus=True, ratio=ratio)
-        assert r.trace.kept_patches[0] == [int(i) for i in kept] + [-1]
+        assert centres(r)[:-1] == [int(i) for i in kept]
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), spec
 
 
@@ -136,7 +154,11 @@ def test_prumerge_fixed_ratio_and_prumerge_plus_follow_the_formulas(tiny, image)
 def test_visionzip_dominant_set_and_contextual_merge(tiny, tiny_eager, image, dominant, contextual):
     got, r = projector_input(tiny, image, f"visionzip:dominant={dominant},contextual={contextual}")
     dom, targets, want = visionzip_reference(tiny_eager, image, dominant, contextual)  # the same weights, eager
-    assert r.trace.kept_patches[0] == [i - 1 for i in dom] + [t - 1 for t in targets]  # CLS is patch -1
+    assert centres(r) == [i - 1 for i in dom] + [t - 1 for t in targets]  # CLS is patch -1
+    # the contextual tokens partition the patches outside the dominant set: each patch is in exactly one token
+    covered = [p for c in r.trace.kept_patches[0] if c <= -2 for p, _ in r.trace.members[c]]
+    covered += [c for c in r.trace.kept_patches[0] if c >= 0]
+    assert sorted(covered) == list(range(256)) if contextual else len(covered) == dominant - 1
     assert got.shape[0] == dominant + contextual == r.trace.image_tokens_per_layer[-1]
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 

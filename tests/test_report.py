@@ -176,6 +176,10 @@ def test_gt_recall_counts_the_targets_patches(tiny):
     gt = np.zeros((224, 224), np.uint8)
     gt[:28, :28] = 1  # patches 0, 1, 16, 17 of the 16 x 16 grid
     assert gt_token_recall(tiny, gt, [list(range(256)), [0, 1, 5], [99]]) == [1.0, 0.5, 0.0]
+    # merged tokens carry each patch at its share w_p / sum(w): -2 = (0 + 1 + 16 + 99) / 4, -3 = 17 at 1/2 with 200
+    members = {-2: [(0, 1.0), (1, 1.0), (16, 1.0), (99, 1.0)], -3: [(17, 2.0), (200, 2.0)]}
+    assert gt_token_recall(tiny, gt, [[-2], [-2, -3], [-2, 0, 0], [-1, 99]], members) == [
+        0.1875, 0.3125, pytest.approx((1 + 0.25 + 0.25) / 4), 0.0]  # a patch is capped at 1
 
 
 def test_mask_agreement():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from harness.engine import causal_mask
+from harness.ledger import patch_shares
 from harness.method import BUDGET_TOLERANCE, ModelInfo, create_method, split_budget
 from harness.methods.sparsevlm import SparseVLM
 from harness.state import Kind
@@ -112,7 +113,7 @@ def _reference_run(model, image, layers, keep, recycle):
                 new_kind = torch.cat([new_kind[:at], torch.full((c,), int(Kind.IMAGE), dtype=kind.dtype),
                                       new_kind[at:]])
                 new_patch = torch.cat([new_patch[:at], torch.full((c,), -1), new_patch[at:]])
-                merged_at[i + 1] = (merged, x, members)
+                merged_at[i + 1] = (merged, x, members, patch[img[cand]].tolist())
             h, kind, patch = new_h, new_kind, new_patch
             kept[i + 1] = sorted(patch[kind == Kind.IMAGE].tolist())
         src = int((kind == Kind.SEG).nonzero()[0, 0]) - 1
@@ -183,18 +184,22 @@ def test_recycled_tokens_are_dpc_knn_cluster_means_of_the_pruned_tokens(tiny_eag
     assert r.trace.image_tokens_per_layer == [256, 137, 91, 91, 51, 51, 51, 51] == spy.image_schedule(tiny_eager.info)
     kept, merged_at, seg = _reference_run(tiny_eager, image, TINY_LAYERS, TINY_KEEP, recycle=True)
     for layer, pruned in zip([p + 1 for p in TINY_LAYERS], (256 - 133, 137 - 89, 91 - 49), strict=True):
-        merged, cand, members = merged_at[layer]
+        merged, cand, members, cand_patches = merged_at[layer]
         n_cand = int(pruned * 0.3) + 1
         assert len(cand) == n_cand and len(merged) == int(n_cand / 10) + 1
         st = spy.states[layer]
         img = st.image_rows
         new = img[-len(merged):]  # inserted right after the kept image tokens
-        assert (st.patch[new] == -1).all() and int(new[-1]) + 1 == int((st.kind == Kind.QUERY).nonzero()[0, 0])
+        assert (st.patch[new] <= -2).all() and int(new[-1]) + 1 == int((st.kind == Kind.QUERY).nonzero()[0, 0])
         assert torch.allclose(st.hidden[0, new], merged, atol=1e-5)
         for vec, idx in zip(merged, members, strict=True):  # each merged vector is the mean of its members
             assert torch.allclose(vec, cand[idx].mean(0), atol=1e-6)
-        assert sorted(st.patch[img].tolist()) == kept[layer]
+        assert sorted(p for p in st.patch[img].tolist() if p >= 0) == [p for p in kept[layer] if p >= 0]
         assert any(len(idx) > 1 for idx in members)  # real merging happened
+        if layer == TINY_LAYERS[0] + 1:  # candidates are single patches: each merged token covers its cluster's
+            for code, idx in zip(st.patch[new].tolist(), members, strict=True):
+                want = {cand_patches[j]: 1 / len(idx) for j in idx}
+                assert patch_shares(code, r.trace.members) == pytest.approx(want)
     assert (r.seg_hidden - seg).abs().max() <= 1e-4
 
 
@@ -204,7 +209,7 @@ def test_merged_tokens_keep_rows_ordered_and_text_indices_intact(tiny, image):
     st = spy.states[2]
     assert (st.index[1:] >= st.index[:-1]).all()
     img = st.image_rows
-    merged = img[st.patch[img] == -1]
+    merged = img[st.patch[img] <= -2]
     assert (st.index[merged] == st.index[merged[0] - 1]).all()  # the index of the last kept image token
     text = st.kind != Kind.IMAGE
     assert st.index[text].unique().numel() == int(text.sum())
@@ -214,7 +219,8 @@ def test_merged_tokens_keep_rows_ordered_and_text_indices_intact(tiny, image):
 def test_recycle_flag_changes_the_run(tiny, image):
     a = tiny.segment(image, QUERY, "sparsevlm")
     b = tiny.segment(image, QUERY, "sparsevlm:recycle=false")
-    assert a.trace.kept_patches[2].count(-1) == 4 and -1 not in b.trace.kept_patches[2]
+    merged = [sum(c <= -2 for c in layer) for layer in (a.trace.kept_patches[1], b.trace.kept_patches[1])]
+    assert merged == [137 - 133, 0]  # layer 0's output: 133 kept, plus 4 recycled with recycling on
     assert (a.seg_hidden - b.seg_hidden).abs().max() > 1e-4
 
 
