@@ -56,14 +56,19 @@ class Cell:
     attn: str = "sdpa"
     data_root: str | None = None
     model_fingerprint: str = ""  # hash of the model's configuration and weights, filled in before running
+    data_fingerprint: str = ""  # hash of the split's samples (ids, images, queries), filled in before running
 
     @property
     def id(self) -> str:
-        """Hash of what the cell computes: with its fingerprint, a model is its weights, not how its path is spelled
-        (the data root is resolved by `expand_grid` for the same reason)."""
+        """Hash of what the cell computes: with their fingerprints, a model is its weights and a split its samples,
+        not how a path to them is spelled."""
         content = {k: v for k, v in asdict(self).items() if k != "limit"}
         if self.model_fingerprint:
             del content["model"]
+        if self.data_fingerprint:
+            del content["data_root"]
+        else:
+            del content["data_fingerprint"]  # ids made before data fingerprints existed stay as they were
         blob = json.dumps({**content, "harness": harness.__version__}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -76,6 +81,8 @@ def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterabl
                 dtype: str = "fp32", attn: str = "sdpa", decode: str = "template",
                 data_root: str | None = None) -> list[Cell]:
     """Cells for every model x method x dataset ("name:split"); method specs are resolved and validated first."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of samples, got {limit}")
     if decode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)} (template is LISA's "
                          f"evaluation)")
@@ -336,6 +343,13 @@ def _merge_config(out_dir: Path, cells: list[Cell]) -> None:
         write_json(path, {"harness": harness.__version__, "cells": known})
 
 
+def data_fingerprint(samples: list[Any]) -> str:
+    """Hash of a split's samples: ids, image ids, queries and image file names (not their pixels or masks)."""
+    blob = json.dumps([[s.id, s.image_id, s.query, Path(s.image).name if isinstance(s.image, (str, Path)) else ""]
+                       for s in samples])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[Cell], dict, dict, dict]:
     """Load every model and dataset and resolve and bind every method before anything runs, so a bad cell fails
     first.
@@ -344,7 +358,7 @@ def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[
     """
     models: dict[tuple[str, str, str], Any] = {}
     datasets: dict[tuple[str, str, str | None, int | None], list[Any]] = {}
-    ready, methods = [], {}
+    ready, methods, splits = [], {}, {}
     for cell in cells:
         key = (cell.model, cell.dtype, cell.attn)
         if key not in models:
@@ -355,10 +369,12 @@ def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[
             models[key] = model
         dkey = (cell.dataset, cell.split, cell.data_root, cell.limit)
         if dkey not in datasets:
-            datasets[dkey] = harness.load_dataset(cell.dataset, cell.split, root=cell.data_root, limit=cell.limit)
+            split = harness.load_dataset(cell.dataset, cell.split, root=cell.data_root)  # whole: the fingerprint
+            splits[dkey] = data_fingerprint(split)  # must not depend on the limit (a larger limit resumes)
+            datasets[dkey] = split[:cell.limit] if cell.limit is not None else split
         method = create_method(cell.method, info=models[key].info)  # a budget spec resolves on its model
         method.bind(models[key].info)
-        ready.append(replace(cell, model_fingerprint=models[key].fingerprint()))
+        ready.append(replace(cell, model_fingerprint=models[key].fingerprint(), data_fingerprint=splits[dkey]))
         methods[ready[-1].id] = method
     return ready, models, datasets, methods
 

@@ -123,6 +123,17 @@ def test_a_model_is_one_cell_however_its_path_is_spelled(tmp_path, monkeypatch):
     assert len(list((tmp_path / "run" / "cells").glob("*.jsonl"))) == 1
 
 
+def test_a_split_is_one_cell_however_its_root_is_spelled(tmp_path, monkeypatch):
+    from tests.test_datasets import _refer_root
+
+    _refer_root(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    for spelling in (str(tmp_path / "data"), "data", "./data/refer_seg"):
+        run_grid(expand_grid(["random:tiny"], ["none"], ["refcoco:val"], limit=1, data_root=spelling),
+                 tmp_path / "run")
+    assert len(load_run(tmp_path / "run")) == 1
+
+
 @pytest.mark.parametrize("yaml, message", [
     ("- none\n", "a grid is a mapping"),
     ("methods: 3\ndatasets: ['toy:val']\n", "'methods' must be a list of names"),
