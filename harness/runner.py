@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import json
 import platform
+import re
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
@@ -74,7 +75,8 @@ class Cell:
 
     @property
     def method_name(self) -> str:
-        return self.method.split(":", 1)[0]
+        """The registered name: "fastv" for "fastv:k=2" and for the budget spec "fastv@75%"."""
+        return re.split("[:@]", self.method, maxsplit=1)[0]
 
 
 def expand_grid(models: Iterable[str], methods: Iterable[str], datasets: Iterable[str], *, limit: int | None = None,

@@ -22,6 +22,11 @@ def test_cell_ids_hash_resolved_content():
     assert a.method == "random:k=2,ratio=0.5,seed=0"
 
 
+def test_method_name_of_a_budget_spec_is_the_registered_name():
+    assert [Cell(model="m", method=m, dataset="d", split="val").method_name
+            for m in ("fastv@75%", "csp:fill=none@50%", "pdrop:ratio=0.5", "none")] == ["fastv", "csp", "pdrop", "none"]
+
+
 def test_run_writes_records_and_resumes_without_recomputing(tmp_path, monkeypatch):
     cells = expand_grid(["random:tiny"], ["none", "random:ratio=0.75"], ["toy:val"], limit=3)
     rows = run_grid(cells, tmp_path)
