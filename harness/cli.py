@@ -157,6 +157,7 @@ def run(models, methods, datasets, limit, out, data_root, device, dtype, attn, d
 
 
 GRID_CHOICES = {"dtype": DTYPES, "attn": ATTENTION}  # decode is checked by expand_grid
+_GRID_EXAMPLES = {"models": DEFAULT_MODEL, "methods": "none, fastv@75%", "datasets": DEFAULT_DATASET}
 
 
 def _grid_spec(config: Path, spec: Any) -> dict[str, Any]:
@@ -189,9 +190,6 @@ def _grid_spec(config: Path, spec: Any) -> dict[str, Any]:
     if "decode" in spec and not isinstance(spec["decode"], str):
         raise ValueError(f"{config}: 'decode' must be template or generate (got {spec['decode']!r})")
     return out
-
-
-_GRID_EXAMPLES = {"models": DEFAULT_MODEL, "methods": "none, fastv@75%", "datasets": DEFAULT_DATASET}
 
 
 @main.command()
