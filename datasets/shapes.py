@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from harness.datasets.base import DATASETS, Sample
+from harness.files import usual_mode
 
 VERSION = "shapes-ref-v2"  # v2: relations need the target mainly in that direction; sizes compare within a shape
 IMAGE_SIZE = 256
@@ -235,9 +236,7 @@ def generate(split: str, folder: str | os.PathLike, n_images: int | None = None,
     folder.parent.mkdir(parents=True, exist_ok=True)  # stage next to the target: rename() cannot cross filesystems
     _remove_orphans(folder.parent, split)
     tmp = Path(tempfile.mkdtemp(prefix=f".{split}-{os.getpid()}-", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700: a cache shared by a group must stay readable to it
+    tmp.chmod(usual_mode(0o777))  # mkdtemp makes 0700: a cache shared by a group must stay readable to it
     (tmp / "images").mkdir()
     (tmp / "labels").mkdir()
     rng = np.random.default_rng([seed, 20261121])

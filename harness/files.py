@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any
 
 
+def usual_mode(mode: int) -> int:
+    """The permissions `open` or `mkdir` would give: `mode` less the process umask (mkstemp / mkdtemp give 0600 /
+    0700, which a cache shared by a group cannot read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace `path` by a file holding `text`, all at once (the new file gets the usual umask permissions)."""
     path = Path(path)
@@ -26,9 +34,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.chmod(tmp, usual_mode(0o666))  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):

@@ -95,12 +95,12 @@ class VisionZip(Method):
                 ctx_tokens = hr[targets] + total / count.clamp(min=1)  # no members: total is 0
                 tokens.append(ctx_tokens)
                 # each contextual token: its target patch (weight 1) plus the mean of its members (1 / count each)
-                patch, owners = (rest - 1).tolist(), owner.tolist()
-                codes = []
-                for j, t in enumerate(targets.tolist()):
-                    mine = [patch[int(m)] for m, o in zip(members.tolist(), owners, strict=True) if o == j]
-                    codes.append(ctx.ledger.merged_token([patch[t], *mine], [1.0] + [1 / len(mine)] * len(mine))
-                                 if mine else patch[t])
+                patch = (rest - 1).tolist()
+                groups: list[list[int]] = [[] for _ in range(len(targets))]
+                for m, o in zip(members.tolist(), owner.tolist(), strict=True):
+                    groups[o].append(patch[m])
+                codes = [ctx.ledger.merged_token([patch[t], *mine], [1.0] + [1 / len(mine)] * len(mine))
+                         if mine else patch[t] for t, mine in zip(targets.tolist(), groups, strict=True)]
                 index.append(torch.tensor(codes, dtype=torch.long, device=dev))
                 ctx.ledger.add_method_matmul(len(members), metric.shape[1], len(targets))
         return replace(feats, patches=torch.cat(tokens)[None], patch_index=torch.cat(index))
