@@ -11,8 +11,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from harness import methods as _builtin_methods  # noqa: E402,F401  (fills the method registry; patches nothing)
+from harness.loading import load_model  # noqa: E402
 from harness.method import METHODS, Method, create_method, register  # noqa: E402
-from harness.model import SegModel, load_model  # noqa: E402
+from harness.model import SegModel  # noqa: E402
 
 
 def load_dataset(name: str, split: str = "val", root: str | None = None, limit: int | None = None):

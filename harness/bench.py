@@ -9,8 +9,8 @@ from harness.engine import CAUSAL_BACKENDS, Context, assemble, causal_mask, run_
 from harness.flops import Arch, llm_flops
 from harness.latency import Stopwatch, interleaved, peak_memory_bytes, process_max_rss_bytes
 from harness.ledger import Ledger
+from harness.loading import load_model
 from harness.method import create_method
-from harness.model import load_model
 
 
 def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: str | None = None) -> str:

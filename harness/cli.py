@@ -327,7 +327,7 @@ def flops(arch, model, text_tokens, method, schedule, image_tokens) -> None:
     from harness.method import ModelInfo, create_method
 
     if model:
-        from harness.model import load_model
+        from harness.loading import load_model
 
         loaded = load_model(model)
         a = Arch.from_model(loaded)

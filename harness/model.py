@@ -39,7 +39,6 @@ from transformers import (
     SamVisionConfig,
 )
 
-from harness.archs import ARCHS
 from harness.method import ModelInfo
 from harness.registry import Registry
 from harness.state import Kind
@@ -289,19 +288,27 @@ class SegModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device: str | None = None, dtype: torch.dtype | None = None,
                         attn_implementation: str = "sdpa") -> SegModel:
-        from safetensors.torch import load_file
+        """Load a segprune model folder: `model.safetensors`, or shards named by `model.safetensors.index.json`
+        (what `segprune convert` writes).
 
+        The model is built on the meta device and given the stored tensors (cast to `dtype`, default fp32) as they
+        are read, so a 7B model costs its own size in memory once, with no random initialisation first.
+        """
         folder = Path(folder)
         if not (folder / "segprune.json").is_file():
             raise ValueError(f"{folder} is not a segprune model folder (expected segprune.json, model.safetensors "
-                             f"and tokenizer files; real LISA checkpoints must be converted first)")
+                             f"and tokenizer files; LISA checkpoints must be converted first: segprune convert lisa)")
         cfg = SegModelConfig(**json.loads((folder / "segprune.json").read_text()))
         tok = PreTrainedTokenizerFast.from_pretrained(folder)
         if Path(f"{folder / 'model.safetensors'}.sha256").is_file():  # a bundled model, or a copy of one
             verify_checksum(folder / "model.safetensors", "copy the folder again, or retrain it")
-        with torch.device(device or "cpu"):
+        device, dtype = device or "cpu", dtype or torch.float32
+        with torch.device("meta"):
             model = cls(cfg, tok, attn_implementation)
-        state = load_file(folder / "model.safetensors")
+        state = {}
+        for path in weight_files(folder):
+            for k, v in load_safetensors(path, device).items():
+                state[k] = v.to(dtype) if v.is_floating_point() else v
         groups: dict[int, list[str]] = {}
         for k, v in model.state_dict(keep_vars=True).items():
             groups.setdefault(id(v), []).append(k)
@@ -310,8 +317,57 @@ class SegModel(nn.Module):
             for n in names:
                 if stored and n not in state:
                     state[n] = state[stored[0]]
-        model.load_state_dict(state, strict=True)
-        return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+        model.load_state_dict(state, strict=True, assign=True)
+        model._materialize_buffers(device)
+        return model.eval().requires_grad_(False)
+
+    def _materialize_buffers(self, device: str) -> None:
+        """The buffers no checkpoint stores (transformers computes them in the constructors), on `device`."""
+        lm = self.language_model
+        with torch.device(device):
+            lm.rotary_emb = type(lm.rotary_emb)(config=lm.config)  # fp32 inv_freq, as LISA's LLaMA kept it
+        emb = self.vision_tower.embeddings
+        emb.register_buffer("position_ids", torch.arange(emb.num_positions, device=device).expand((1, -1)),
+                            persistent=False)
+        left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        assert not left, f"tensors left on the meta device after loading: {left[:5]}"
+
+    @classmethod
+    def expected_shapes(cls, config: SegModelConfig, tokenizer: PreTrainedTokenizerFast) -> dict[str, tuple]:
+        """Name -> shape of every tensor a model folder must store (a tied alias only under its first name)."""
+        with torch.device("meta"):
+            model = cls(config, tokenizer)
+        seen: set[int] = set()
+        shapes = {}
+        for k, v in model.state_dict(keep_vars=True).items():
+            if id(v) not in seen:
+                seen.add(id(v))
+                shapes[k] = tuple(v.shape)
+        return shapes
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """`model.safetensors`, or the shards its index names (one-line error for a missing one)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return [folder / "model.safetensors"]
+    files = [folder / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"{f} is missing (named by {index.name}); convert the checkpoint again")
+    return files
+
+
+def load_safetensors(path: Path, device: str) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ValueError(f"{path} is missing; the model folder is incomplete")
+    try:
+        return load_file(path, device=device)
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}); convert or copy it again") from None
 
 
 @dataclass
@@ -463,32 +519,6 @@ def load_bundled(*, device: str | None = None, dtype: torch.dtype | None = None,
     return SegModel.from_pretrained(folder, device=device, dtype=dtype, attn_implementation=attn_implementation)
 
 
-def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str | None = None,
-               dtype: torch.dtype | str | None = None, attn_implementation: str = "sdpa") -> SegModel:
-    """Load a model by name (`random:tiny`, `random:<arch>`) or from a segprune model folder."""
-    if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                 "fp16": torch.float16, "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
-    device = check_device(device)
-    check_attention(attn_implementation, device)
-    name = str(name_or_path)
-    if name.startswith("random:"):
-        arch_name = name.split(":", 1)[1]
-        arches = {"tiny": TINY, **ARCHS}
-        if arch_name not in arches:
-            raise ValueError(f"unknown model {name!r}; available: " + ", ".join(f"random:{a}" for a in arches)
-                             + ", or a path to a segprune model folder")
-        return build_random(arches[arch_name], name=name, device=device, dtype=dtype,
-                            attn_implementation=attn_implementation)
-    if name in MODELS:
-        return MODELS.get(name)(device=device, dtype=dtype, attn_implementation=attn_implementation)
-    path = Path(name)
-    if path.is_dir():
-        return SegModel.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
-    known = ["random:tiny", *(f"random:{a}" for a in ARCHS), *MODELS.names()]
-    raise ValueError(f"unknown model {name!r}: not a registered name or a folder; available: {', '.join(known)}")
-
-
 def check_device(device: str | torch.device | None) -> str:
     """`device` as torch spells it, or a one-line ValueError for a name torch does not know or a device that this
     machine lacks (torch's own errors surface later, as tracebacks from deep inside the first forward)."""
@@ -526,7 +556,3 @@ def check_attention(attn_implementation: str, device: str) -> None:
                              "(it is built for CUDA: pip install flash-attn); use --attn sdpa")
         if not device.startswith("cuda"):
             raise ValueError(f"--attn flash_attention_2 runs on CUDA devices only, not {device}; use --attn sdpa")
-
-
-def _bad_dtype(dtype: str) -> torch.dtype:
-    raise ValueError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")

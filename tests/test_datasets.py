@@ -191,8 +191,8 @@ def test_bundled_lisa_tiny_shapes_segments_shapes_ref(tmp_path, monkeypatch):
     """The bundled weights load (checksum), follow LISA's template and actually segment: the unpruned gIoU on the
     first val queries is far above random weights (~0.02) and an untrained decoder (~0.16); the full figures are in
     its train_log.json."""
+    from harness.loading import load_model
     from harness.metrics import aggregate, intersection_union
-    from harness.model import load_model
 
     monkeypatch.setenv("SEGPRUNE_CACHE", str(tmp_path))
     model = load_model("lisa-tiny-shapes")

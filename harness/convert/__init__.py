@@ -1,0 +1,1 @@
+"""Converting released checkpoints into segprune model folders (`segprune convert`)."""

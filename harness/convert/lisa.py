@@ -1,0 +1,404 @@
+"""LISA checkpoints (dvlab-research/LISA and LLaVA-1.5-based variants) -> a segprune model folder.
+
+The released layout (reference/lisa-on-transformers.md A2, A9): an old flat LLaVA `config.json`, LISA's tokenizer
+files, and `pytorch_model-0000k-of-0000n.bin` shards (or safetensors) mixing bf16 (LLM) and fp32 (SAM) tensors:
+
+    model.embed_tokens / model.layers.{i}.* / model.norm   LLaMA          -> language_model.*
+    lm_head.weight                                          (untied)       -> lm_head.weight
+    model.mm_projector.{weight,bias}                        one Linear     -> projector.*        (LISA v1)
+    model.mm_projector.{0,2}.{weight,bias}                  mlp2x_gelu     -> projector.{0,2}.*  (LLaVA-1.5 based)
+    model.visual_model.{image_encoder,prompt_encoder,mask_decoder}.*  SAM  -> sam.* (transformers' SAM renames)
+    model.text_hidden_fcs.0.{0,2}.*                                        -> text_hidden_fcs.0.{0,2}.*
+    (no CLIP: LISA reloads openai/clip-vit-large-patch14[-336] at run time) -> vision_tower.* from a CLIP folder
+
+The projector type is read from the keys, not from `mm_projector_type` (LISA's code always builds a Linear whatever
+the config says; LLaVA-1.5-based variants carry the two-layer one). SAM's size is read from its tensor shapes, so
+ViT-B/L/H and small test models convert alike. Conversion runs shard by shard: peak memory is about one source
+shard (memory-mapped) plus one output file being written (at most `MAX_FILE_BYTES`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from harness.convert.sources import Checkpoint, find_checkpoint, iter_shards, load_file, sha256
+from harness.convert.tokenizer import lisa_tokenizer
+
+MAX_FILE_BYTES = 2 * 1024**3  # output safetensors files are cut at this size
+
+# transformers' own SAM conversion (models/sam/convert_sam_to_hf.py): substring renames, applied in this order
+SAM_RENAMES = (
+    ("iou_prediction_head.layers.0", "iou_prediction_head.proj_in"),
+    ("iou_prediction_head.layers.1", "iou_prediction_head.layers.0"),
+    ("iou_prediction_head.layers.2", "iou_prediction_head.proj_out"),
+    ("mask_decoder.output_upscaling.0", "mask_decoder.upscale_conv1"),
+    ("mask_decoder.output_upscaling.1", "mask_decoder.upscale_layer_norm"),
+    ("mask_decoder.output_upscaling.3", "mask_decoder.upscale_conv2"),
+    ("mask_downscaling.0", "mask_embed.conv1"),
+    ("mask_downscaling.1", "mask_embed.layer_norm1"),
+    ("mask_downscaling.3", "mask_embed.conv2"),
+    ("mask_downscaling.4", "mask_embed.layer_norm2"),
+    ("mask_downscaling.6", "mask_embed.conv3"),
+    ("point_embeddings", "point_embed"),
+    ("pe_layer.positional_encoding_gaussian_matrix", "shared_embedding.positional_embedding"),
+    ("image_encoder", "vision_encoder"),
+    ("neck.0", "neck.conv1"),
+    ("neck.1", "neck.layer_norm1"),
+    ("neck.2", "neck.conv2"),
+    ("neck.3", "neck.layer_norm2"),
+    ("patch_embed.proj", "patch_embed.projection"),
+    (".norm", ".layer_norm"),
+    ("blocks", "layers"),
+)
+_HYPERNET = re.compile(r"(output_hypernetworks_mlps\.\d+\.)layers\.([012])\.")
+_HYPERNET_NAMES = {"0": "proj_in.", "1": "layers.0.", "2": "proj_out."}
+
+# layouts of other LISA-style families, recognised to refuse them by name
+UNSUPPORTED = (
+    (lambda k: "grounding_encoder." in k and "sam2" not in k, "GLaMM (its SAM is `grounding_encoder`)"),
+    (lambda k: "sam2_model" in k or k.startswith("mlp1."), "Sa2VA (InternVL + SAM-2)"),
+)
+
+
+def sam_key(key: str) -> str:
+    """A segment_anything key (image_encoder / prompt_encoder / mask_decoder) as transformers' SamModel names it."""
+    for old, new in SAM_RENAMES:
+        key = key.replace(old, new)
+    return _HYPERNET.sub(lambda m: m.group(1) + _HYPERNET_NAMES[m.group(2)], key)
+
+
+def map_key(key: str) -> str | None:
+    """Our name for a LISA key; None for a tensor we drop on purpose; raises KeyError for one we do not know."""
+    if re.fullmatch(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", key):
+        return None  # a 4.31-era persistent buffer; transformers 5 recomputes it
+    if key.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")):
+        return "language_model." + key[len("model."):]
+    if key == "lm_head.weight":
+        return key
+    if re.fullmatch(r"model\.mm_projector\.((0|2)\.)?(weight|bias)", key):
+        return "projector." + key[len("model.mm_projector."):]
+    if key.startswith("model.text_hidden_fcs."):
+        return key[len("model."):]
+    if key.startswith("model.visual_model."):
+        name = "sam." + sam_key(key[len("model.visual_model."):])
+        # SamModel ties the prompt encoder's Fourier matrix to `shared_image_embedding`, stored under that name
+        return name.replace("sam.prompt_encoder.shared_embedding.", "sam.shared_image_embedding.")
+    raise KeyError(key)
+
+
+def clip_key(key: str) -> str | None:
+    """Our name for a key of an openai/clip-vit-large-patch14 folder (CLIPModel or CLIPVisionModel)."""
+    if key.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale")):
+        return None  # the text half: LLaVA never runs it
+    key = key.removeprefix("vision_model.")
+    if key == "embeddings.position_ids":
+        return None  # non-persistent in transformers 5
+    return "vision_tower." + key
+
+
+# -- config --------------------------------------------------------------------------------------------------------
+def llm_config(cfg: dict) -> dict:
+    """LlamaConfig fields from LISA's flat LLaVA config (transformers 4.31 field names and defaults)."""
+    if cfg.get("rope_scaling"):
+        raise ValueError(f"config.json sets rope_scaling {cfg['rope_scaling']}; LISA checkpoints have none, and "
+                         f"segprune does not convert scaled RoPE yet")
+    need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in need if k not in cfg]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}; not a LLaVA/LISA config")
+    return dict(
+        hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        vocab_size=cfg["vocab_size"], rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        hidden_act=cfg.get("hidden_act", "silu"), bos_token_id=cfg.get("bos_token_id", 1),
+        eos_token_id=cfg.get("eos_token_id", 2), pad_token_id=cfg.get("pad_token_id", 0),
+        tie_word_embeddings=False)
+
+
+def sam_config(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """SAM's configuration read from its tensor shapes (our names, `sam.` prefix), for any ViT size.
+
+    Everything but the decoder's attention heads is in the shapes; every released SAM (B, L, H) uses 8 heads there.
+    """
+    s = {k[len("sam."):]: v for k, v in shapes.items() if k.startswith("sam.")}
+    enc, dec, prm = "vision_encoder.", "mask_decoder.", "prompt_encoder."
+    hidden, _, patch, _ = s[enc + "patch_embed.projection.weight"]
+    grid = s[enc + "pos_embed"][1]
+    layers = sorted({int(m.group(1)) for k in s if (m := re.match(r"vision_encoder\.layers\.(\d+)\.", k))})
+    rel = {i: s[f"{enc}layers.{i}.attn.rel_pos_h"] for i in layers}
+    head_dim = rel[layers[0]][1]
+    global_layers = [i for i in layers if rel[i][0] == 2 * grid - 1]
+    windowed = [rel[i][0] for i in layers if i not in global_layers]
+    dec_hidden = s[dec + "iou_token.weight"][1]
+    dec_layers = {int(m.group(1)) for k in s if (m := re.match(r"mask_decoder\.transformer\.layers\.(\d+)\.", k))}
+    iou_head = r"mask_decoder\.iou_prediction_head\.(proj_in|layers\.\d+|proj_out)\.weight"
+    iou_layers = [k for k in s if re.match(iou_head, k)]
+    points = [k for k in s if re.match(r"prompt_encoder\.point_embed\.\d+\.weight", k)]
+    return dict(
+        vision=dict(hidden_size=hidden, num_hidden_layers=len(layers), num_attention_heads=hidden // head_dim,
+                    mlp_dim=s[f"{enc}layers.0.mlp.lin1.weight"][0], image_size=grid * patch, patch_size=patch,
+                    window_size=(windowed[0] + 1) // 2 if windowed else 0, global_attn_indexes=global_layers,
+                    output_channels=s[enc + "neck.conv1.weight"][0],
+                    num_pos_feats=s["shared_image_embedding.positional_embedding"][1]),
+        prompt=dict(hidden_size=s[prm + "no_mask_embed.weight"][1], image_size=grid * patch,
+                    image_embedding_size=grid, patch_size=patch,
+                    mask_input_channels=s[prm + "mask_embed.conv2.weight"][0], num_point_embeddings=len(points)),
+        decoder=dict(hidden_size=dec_hidden, mlp_dim=s[dec + "transformer.layers.0.mlp.lin1.weight"][0],
+                     num_hidden_layers=len(dec_layers), num_attention_heads=8,
+                     attention_downsample_rate=dec_hidden // s[dec + "transformer.layers.0.cross_attn_token_to_image."
+                                                                     "q_proj.weight"][0],
+                     num_multimask_outputs=s[dec + "mask_tokens.weight"][0] - 1, iou_head_depth=len(iou_layers),
+                     iou_head_hidden_dim=s[dec + "iou_prediction_head.proj_in.weight"][0]),
+    )
+
+
+CLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+               "image_size", "hidden_act", "layer_norm_eps", "projection_dim", "num_channels")
+
+
+def clip_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no config.json: not a CLIP model folder (expected a local copy of "
+                         f"openai/clip-vit-large-patch14)")
+    cfg = json.loads(path.read_text())
+    vision = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
+    if vision.get("model_type", "clip_vision_model") != "clip_vision_model" or "hidden_size" not in vision:
+        raise ValueError(f"{path} is not a CLIP config (model_type {cfg.get('model_type')!r})")
+    from transformers import CLIPVisionConfig
+
+    full = CLIPVisionConfig(**{k: v for k, v in vision.items() if k in CLIP_FIELDS}).to_dict()
+    return {k: full[k] for k in CLIP_FIELDS}
+
+
+def find_clip(tower: str, clip: str | os.PathLike | None) -> Path:
+    """The CLIP folder: `clip` if given, else $SEGPRUNE_CLIP, else `tower` as a local path, else its snapshot in the
+    Hugging Face cache (where LISA's own code put it). Never downloads."""
+    clip = clip or os.environ.get("SEGPRUNE_CLIP")
+    if clip:
+        return Path(clip)
+    if Path(tower).is_dir():
+        return Path(tower)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(tower, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError):
+        raise ValueError(f"LISA checkpoints carry no CLIP weights and {tower} is not in the local Hugging Face cache; "
+                         f"download it once (huggingface-cli download {tower}) or pass --clip DIR") from None
+
+
+# -- conversion ----------------------------------------------------------------------------------------------------
+class _Writer:
+    """Tensors into safetensors files of at most `MAX_FILE_BYTES`, named model-0000k-of-0000n at the end."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype | None):
+        self.folder, self.dtype = folder, dtype
+        self.pending: dict[str, Tensor] = {}
+        self.parts: list[Path] = []
+        self.weight_map: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, int] = {}
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        if name in self.shapes:
+            raise ValueError(f"two source tensors map to {name}; the checkpoint holds duplicates")
+        if self.dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        self.pending[name] = tensor.contiguous()
+        self.shapes[name] = tuple(tensor.shape)
+        key = str(tensor.dtype).removeprefix("torch.")
+        self.dtypes[key] = self.dtypes.get(key, 0) + 1
+        if sum(t.nbytes for t in self.pending.values()) >= MAX_FILE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.pending:
+            part = self.folder / f"part-{len(self.parts) + 1}.safetensors"
+            save_file(self.pending, part, metadata={"format": "pt"})
+            self.parts.append(part)
+            self.weight_map.update(dict.fromkeys(self.pending, part.name))
+            self.pending = {}
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.parts)
+        names = {p.name: f"model-{i:05d}-of-{n:05d}.safetensors" for i, p in enumerate(self.parts, 1)}
+        for p in self.parts:
+            p.rename(self.folder / names[p.name])
+        index = {"metadata": {"total_size": sum((self.folder / f).stat().st_size for f in names.values())},
+                 "weight_map": {k: names[v] for k, v in sorted(self.weight_map.items())}}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def refuse_unsupported(keys: list[str] | None, config: dict, src: Path) -> None:
+    """A one-line refusal naming the family of a LISA-style checkpoint we do not convert."""
+    text = " ".join(str(config.get(k, "")) for k in ("_name_or_path", "architectures", "model_type")).lower()
+    if "lisa_plus" in text or "lisa++" in text or "lisaplus" in text:
+        raise ValueError(f"{src} is a LISA++ checkpoint; segprune does not support LISA++ yet (its prompt format and "
+                         f"tokens differ from LISA's)")
+    for test, family in UNSUPPORTED:
+        hit = next((k for k in keys or () if test(k)), None)
+        if hit:
+            raise ValueError(f"{src} is a {family} checkpoint ({hit}); segprune converts LISA layouts only "
+                             f"(model.visual_model.* SAM + model.mm_projector)")
+    if keys is not None and not any(k.startswith("model.visual_model.") for k in keys):
+        raise ValueError(f"{src} has no model.visual_model.* (SAM) tensors: not a LISA checkpoint")
+
+
+def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | os.PathLike | None = None,
+                 dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None) -> Path:
+    """Convert the LISA checkpoint folder `src` into the segprune model folder `dst` (written whole, or not at all).
+
+    Args:
+        clip: a local openai/clip-vit-large-patch14 (or -336) folder; default: the config's vision tower from the
+            Hugging Face cache.
+        dtype: cast floating tensors to this dtype (default: keep each as stored, bf16 LLM and fp32 SAM for LISA).
+        progress: called with the bytes of each source file once it is converted.
+    """
+    from harness.model import SegModel, SegModelConfig
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise ValueError(f"{dst} exists; remove it or choose another destination")
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} has no config.json; expected a LISA checkpoint folder (config.json, tokenizer files, "
+                         f"pytorch_model-*.bin shards + pytorch_model.bin.index.json)")
+    config = json.loads((src / "config.json").read_text())
+    ckpt = find_checkpoint(src, "LISA checkpoint")
+    refuse_unsupported(ckpt.keys(), config, src)
+    use_start_end = bool(config.get("mm_use_im_start_end", False))
+    tokenizer = lisa_tokenizer(src, need_im_tokens=use_start_end)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    stage = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        writer = _Writer(stage, dtype)
+        unknown: list[str] = []
+        for path, state in iter_shards(ckpt):
+            for key, tensor in state.items():
+                try:
+                    name = map_key(key)
+                except KeyError:
+                    unknown.append(key)
+                    continue
+                if name is not None:
+                    writer.add(name, tensor)
+            if progress:
+                progress(path.stat().st_size)
+            writer.flush()
+            del state
+        if unknown:
+            raise ValueError(f"{len(unknown)} tensor(s) of {src} are not part of a LISA model (e.g. {unknown[0]}); "
+                             f"is this a LISA checkpoint?")
+        tower = config.get("mm_vision_tower") or config.get("vision_tower") or "openai/clip-vit-large-patch14"
+        clip_dir = find_clip(tower, clip)
+        vision = clip_config(clip_dir)
+        clip_ckpt = find_checkpoint(clip_dir, "CLIP")
+        for path in clip_ckpt.files:
+            for key, tensor in load_file(path).items():
+                if (name := clip_key(key)) is not None:
+                    writer.add(name, tensor)
+        writer.flush()
+        want = 336 if "336" in str(config.get("mm_vision_tower", "")) else 224
+        if vision["image_size"] != want and "clip-vit-large" in str(config.get("mm_vision_tower", "")):
+            raise ValueError(f"the checkpoint was trained with {config['mm_vision_tower']} ({want} px) but the CLIP "
+                             f"folder is {vision['image_size']} px; pass the matching --clip")
+        if config.get("mm_hidden_size") not in (None, vision["hidden_size"]):
+            raise ValueError(f"the checkpoint's projector expects CLIP width {config['mm_hidden_size']} but the CLIP "
+                             f"folder has {vision['hidden_size']}; pass the matching --clip")
+
+        projector = "mlp2x_gelu" if "projector.0.weight" in writer.shapes else "linear"
+        fcs = writer.shapes.get("text_hidden_fcs.0.2.weight")
+        cfg = SegModelConfig(vision=vision, llm=llm_config(config), sam=sam_config(writer.shapes), projector=projector,
+                             seg_out_dim=fcs[0] if fcs else int(config.get("out_dim", 256)),
+                             vision_feature_layer=int(config.get("mm_vision_select_layer", -2)),
+                             use_mm_start_end=use_start_end, name=src.name)
+        check_against_model(writer.shapes, SegModel.expected_shapes(cfg, tokenizer), src)
+        writer.finish()
+        (stage / "segprune.json").write_text(cfg.to_json())
+        tokenizer.save_pretrained(stage)
+        shutil.copyfile(src / "config.json", stage / "source_config.json")
+        (stage / "convert.json").write_text(json.dumps(manifest(ckpt, clip_ckpt.files, writer, projector), indent=2))
+        os.replace(stage, dst)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return dst
+
+
+def check_against_model(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], src: Path) -> None:
+    """Strict: the converted tensors are exactly the model's, with its shapes."""
+    missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    if missing:
+        raise ValueError(f"{src} lacks {len(missing)} tensor(s) a LISA model needs (e.g. {missing[0]}); the checkpoint "
+                         f"is incomplete")
+    if unexpected:
+        raise ValueError(f"{src} has {len(unexpected)} tensor(s) the model has no place for (e.g. {unexpected[0]})")
+    bad = [k for k in want if got[k] != want[k]]
+    if bad:
+        raise ValueError(f"{src}: {bad[0]} has shape {list(got[bad[0]])} but config.json implies {list(want[bad[0]])} "
+                         f"({len(bad)} such tensors); config and weights do not belong together")
+
+
+def manifest(ckpt: Checkpoint, clip_files: list[Path], writer: _Writer, projector: str) -> dict:
+    from importlib.metadata import version
+
+    def describe(files: list[Path]) -> dict:
+        return {str(f): {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in files}
+
+    return {"format": "lisa", "source": str(ckpt.folder.resolve()), "source_files": describe(ckpt.files),
+            "clip_files": describe(clip_files), "projector": projector, "tensors": len(writer.shapes),
+            "dtypes": writer.dtypes, "segprune": version("segprune"), "transformers": version("transformers"),
+            "torch": torch.__version__, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def is_lisa_folder(folder: Path) -> bool:
+    """An unconverted LISA checkpoint folder (what `--model` accepts and converts on first use)."""
+    return (folder / "config.json").is_file() and (folder / "added_tokens.json").is_file() and \
+        not (folder / "segprune.json").is_file()
+
+
+def converted(src: str | os.PathLike, *, progress: bool = True) -> Path:
+    """The segprune folder of the LISA checkpoint `src` in the cache ($SEGPRUNE_CACHE/converted), converted on first
+    use (one process converts, others wait for it). Keyed by the source's path, file names, sizes and times."""
+    import hashlib
+
+    from harness.datasets.shapes import cache_dir
+    from harness.files import exclusive
+
+    src = Path(src).resolve()
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.iterdir()) if f.is_file()]
+    key = hashlib.sha256(json.dumps([str(src), stamp]).encode()).hexdigest()[:12]
+    root = cache_dir() / "converted"
+    dst = root / f"{src.name}-{key}"
+    if (dst / "segprune.json").is_file():
+        return dst
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root / f".{dst.name}.lock", wait=True):
+        if not (dst / "segprune.json").is_file():
+            import sys
+
+            from tqdm import tqdm
+
+            total = find_checkpoint(src, "LISA checkpoint").nbytes
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {src.name} (once)", file=sys.stderr,
+                      disable=None if progress else True, leave=False) as bar:
+                convert_lisa(src, dst, progress=bar.update)
+    return dst

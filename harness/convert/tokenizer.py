@@ -1,0 +1,62 @@
+"""LISA's tokenizer, rebuilt on transformers 5 so that our prompt ids equal the ones LISA evaluated with.
+
+LISA pins transformers 4.31 and loads its checkpoint's tokenizer slow (`use_fast=False`): LLaMA's sentencepiece
+`tokenizer.model`, its `legacy` behaviour (every text piece between added tokens gets sentencepiece's "▁" prefix),
+and the tokens of `added_tokens.json` (`[SEG]`, and LLaVA's `<im_start>`/`<im_end>`/`<im_patch>`). 4.31 treats every
+added token as unsplittable and strips the whitespace on both sides of it (`PreTrainedTokenizer.tokenize`, "We strip
+left and right by default"), so "ASSISTANT: [SEG]." is read as "ASSISTANT:", "[SEG]", "." and the token before
+[SEG], whose hidden state becomes the mask prompt, is ":". A transformers 5 tokenizer loaded as is keeps that space
+(a "▁" token before [SEG], LISA issue #55) and tokenizes "\\n" after `<im_end>`.
+
+Here: transformers' own sentencepiece conversion (`LlamaTokenizer`, legacy) with LISA's added tokens marked
+`lstrip`/`rstrip`, which is 4.31's stripping expressed in the fast tokenizer. `tests/data/lisa_tokenizer/golden.json`
+holds the ids the real 4.31 slow tokenizer gives; the tests compare against it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken
+from transformers import PreTrainedTokenizerFast
+
+FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json")
+
+
+def lisa_tokenizer(folder: str | Path, *, need_im_tokens: bool) -> PreTrainedTokenizerFast:
+    """The tokenizer of a LISA checkpoint folder, ids as LISA's transformers 4.31 slow tokenizer gives them.
+
+    Args:
+        folder: the checkpoint folder (tokenizer.model, tokenizer_config.json, added_tokens.json).
+        need_im_tokens: the config sets `mm_use_im_start_end`, so <im_start> and <im_end> must be added tokens.
+    """
+    from transformers import LlamaTokenizer
+
+    folder = Path(folder)
+    missing = [f for f in FILES if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"{folder} lacks the tokenizer file(s) {', '.join(missing)}; a LISA checkpoint ships "
+                         f"{', '.join(FILES)} next to its weights: download them too")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if config.get("legacy", True) is False:
+        raise ValueError(f"{folder / 'tokenizer_config.json'} sets legacy: false, but LISA evaluated with the legacy "
+                         f"LLaMA tokenizer of transformers 4.31 (with legacy: false 4.31 maps words after added tokens "
+                         f"to <unk>); remove the key or set it to true")
+    added = json.loads((folder / "added_tokens.json").read_text())  # token -> id
+    if "[SEG]" not in added:
+        raise ValueError(f"{folder / 'added_tokens.json'} has no [SEG] token: not a LISA checkpoint")
+    if need_im_tokens and not {"<im_start>", "<im_end>"} <= added.keys():
+        raise ValueError(f"the config sets mm_use_im_start_end but {folder / 'added_tokens.json'} lacks <im_start> / "
+                         f"<im_end> (LISA++ checkpoints look like this; segprune does not support LISA++ yet)")
+    tok = LlamaTokenizer.from_pretrained(folder, legacy=True)
+    # 4.31 strips whitespace on both sides of every added token (see the module docstring)
+    tok.add_tokens([AddedToken(t, lstrip=True, rstrip=True, normalized=False, special=False)
+                    for t in sorted(added, key=added.get)])
+    for token, index in added.items():
+        if tok.convert_tokens_to_ids(token) != index:
+            raise ValueError(f"{folder}: added token {token} has id {tok.convert_tokens_to_ids(token)} here but "
+                             f"{index} in added_tokens.json; the tokenizer files do not belong together")
+    tok.pad_token = tok.unk_token  # LISA: pad with <unk>, on the right
+    tok.padding_side = "right"
+    return tok

@@ -1,0 +1,46 @@
+"""Resolving a model name to a loaded model: registered names, `random:<arch>`, segprune folders, and released LISA
+checkpoint folders (converted into the cache on first use). Above `harness.model` and `harness.convert`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from harness.archs import ARCHS
+from harness.convert.lisa import converted, is_lisa_folder
+from harness.model import MODELS, TINY, SegModel, build_random, check_attention, check_device
+
+
+def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str | None = None,
+               dtype: torch.dtype | str | None = None, attn_implementation: str = "sdpa") -> SegModel:
+    """Load a model by name (`random:tiny`, `random:<arch>`), from a segprune model folder, or from a LISA checkpoint
+    folder (converted into the cache on first use; see `harness.convert.lisa`)."""
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp16": torch.float16, "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
+    device = check_device(device)
+    check_attention(attn_implementation, device)
+    name = str(name_or_path)
+    if name.startswith("random:"):
+        arch_name = name.split(":", 1)[1]
+        arches = {"tiny": TINY, **ARCHS}
+        if arch_name not in arches:
+            raise ValueError(f"unknown model {name!r}; available: " + ", ".join(f"random:{a}" for a in arches)
+                             + ", or a path to a segprune model folder")
+        return build_random(arches[arch_name], name=name, device=device, dtype=dtype,
+                            attn_implementation=attn_implementation)
+    if name in MODELS:
+        return MODELS.get(name)(device=device, dtype=dtype, attn_implementation=attn_implementation)
+    path = Path(name)
+    if path.is_dir():
+        if is_lisa_folder(path):  # a released LISA checkpoint: converted once into the cache
+            path = converted(path)
+        return SegModel.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
+    known = ["random:tiny", *(f"random:{a}" for a in ARCHS), *MODELS.names()]
+    raise ValueError(f"unknown model {name!r}: not a registered name or a folder; available: {', '.join(known)}")
+
+
+def _bad_dtype(dtype: str) -> torch.dtype:
+    raise ValueError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
