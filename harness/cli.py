@@ -131,7 +131,8 @@ def _run_and_report(cells: list, out: Path, device: str | None, fmt: str) -> Non
 
 @main.command()
 @click.option("--model", "models", multiple=True, default=[DEFAULT_MODEL], show_default=True,
-              help="model name (lisa-tiny-shapes, random:tiny, random:<arch>) or a segprune model folder; repeatable")
+              help="model name (lisa-tiny-shapes, random:tiny, random:<arch>), a segprune model folder, or a LISA "
+                   "checkpoint folder (converted once into the cache); repeatable")
 @click.option("--method", "methods", multiple=True,
               help="method spec name:key=value,...; repeatable (default: every registered method)")
 @click.option("--dataset", "datasets", multiple=True, default=[DEFAULT_DATASET], show_default=True,
@@ -407,6 +408,48 @@ def doctor() -> None:
     if not ok:
         sys.exit(1)
 
+
+
+@main.group()
+def convert() -> None:
+    """Convert a released checkpoint into a segprune model folder (once; `--model FOLDER` then loads it)."""
+
+
+@convert.command("lisa")
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--clip", type=click.Path(file_okay=False, path_type=Path), envvar="SEGPRUNE_CLIP", default=None,
+              help="local openai/clip-vit-large-patch14 (or -336) folder; LISA checkpoints carry no CLIP "
+                   "[default: the config's tower in the Hugging Face cache; env SEGPRUNE_CLIP]")
+@click.option("--dtype", type=click.Choice(["keep", *DTYPES]), default="keep", show_default=True,
+              help="cast floating tensors (keep: as stored, bf16 LLM and fp32 SAM in LISA's releases)")
+@friendly
+def convert_lisa_cmd(src: Path, dst: Path, clip: Path | None, dtype: str) -> None:
+    """Convert the LISA checkpoint folder SRC (LISA-7B/13B-v0/v1, LLaVA-1.5-based variants) into DST.
+
+    SRC is the folder as downloaded: config.json, tokenizer files and pytorch_model-*.bin (or safetensors) shards
+    with their index. Reads one shard at a time; DST is written whole or not at all.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from harness.convert.lisa import convert_lisa
+    from harness.convert.sources import find_checkpoint
+
+    cast = None if dtype == "keep" else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    total = find_checkpoint(src, "LISA checkpoint").nbytes
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {src.name}", file=sys.stderr,
+              disable=None, leave=False) as bar:
+        out = convert_lisa(src, dst, clip=clip, dtype=cast, progress=bar.update)
+    cfg = json.loads((out / "segprune.json").read_text())
+    info = json.loads((out / "convert.json").read_text())
+    grid = cfg["vision"]["image_size"] // cfg["vision"]["patch_size"]
+    width = cfg["sam"]["vision"]["hidden_size"]
+    sam = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}.get(width, f"a ViT of width {width}")
+    click.echo(f"{out}: {info['tensors']} tensors ({', '.join(f'{n} {d}' for d, n in info['dtypes'].items())}); "
+               f"LLaMA {cfg['llm']['num_hidden_layers']} layers x {cfg['llm']['hidden_size']}, "
+               f"{info['projector']} projector, {grid * grid} image tokens, SAM {sam}")
+    click.echo(f"next: segprune run --model {out}")
 
 
 @main.group()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken
+from tokenizers import AddedToken, normalizers
 from transformers import PreTrainedTokenizerFast
 
 FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json")
@@ -50,6 +50,11 @@ def lisa_tokenizer(folder: str | Path, *, need_im_tokens: bool) -> PreTrainedTok
         raise ValueError(f"the config sets mm_use_im_start_end but {folder / 'added_tokens.json'} lacks <im_start> / "
                          f"<im_end> (LISA++ checkpoints look like this; segprune does not support LISA++ yet)")
     tok = LlamaTokenizer.from_pretrained(folder, legacy=True)
+    # sentencepiece's dummy prefix on every piece, even one that starts with a space (the Metaspace pre-tokenizer
+    # transformers 5 uses skips those): transformers 4's legacy fast-tokenizer normalizer
+    tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                             normalizers.Replace(" ", "\u2581")])
+    tok.backend_tokenizer.pre_tokenizer = None
     # 4.31 strips whitespace on both sides of every added token (see the module docstring)
     tok.add_tokens([AddedToken(t, lstrip=True, rstrip=True, normalized=False, special=False)
                     for t in sorted(added, key=added.get)])
