@@ -14,6 +14,7 @@ shards are generated and saved one at a time.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -66,14 +67,15 @@ class LisaSpec:
     tokenizer: str = "7b"  # tests/data/lisa_tokenizer/<name>: 7b (<im_patch>, <im_start>, <im_end>, [SEG]) or 13b
     out_dim: int = 32
     sam: SamSpec = field(default_factory=SamSpec)
-    shards: int = 2
+    shards: int = 2  # split by tensor count (tiny models), unless max_shard_bytes is set
+    max_shard_bytes: int | None = None  # transformers 4.31's save_pretrained: a new shard once 10 GB would be passed
     fmt: str = "bin"  # "bin" (released LISA) or "safetensors"
     inv_freq: bool = True  # 4.31-era files may hold model.layers.{i}.self_attn.rotary_emb.inv_freq
     vocab: int | None = None  # default: the tokenizer's length (LISA resizes the embeddings to it)
 
 
 LISA_7B = LisaSpec(hidden=4096, intermediate=11008, layers=32, heads=32, clip_hidden=1024, out_dim=256,
-                   sam=SAM_VIT_H, vocab=32004)
+                   sam=SAM_VIT_H, vocab=32004, max_shard_bytes=10**10)
 
 
 def _noise(t: torch.Tensor, gen: torch.Generator, std: float) -> None:
@@ -193,19 +195,30 @@ def write_lisa(folder: str | Path, spec: LisaSpec, seed: int = 0) -> Path:
     sam = sam_state(spec.sam, seed)
     # LISA's order: LLaMA, projector, SAM, then text_hidden_fcs (4 tensors) and lm_head
     order = [("llm", k) for k, _ in llm[:-5]] + [("sam", k) for k in sam] + [("llm", k) for k, _ in llm[-5:]]
-    per_shard = -(-len(order) // spec.shards)
     shapes = dict(llm)
+    nbytes = {k: math.prod(shapes[k]) * (4 if k.endswith("inv_freq") else 2) if kind == "llm" else sam[k].nbytes
+              for kind, k in order}
+    if spec.max_shard_bytes is None:
+        per_shard = -(-len(order) // spec.shards)
+        parts = [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
+    else:
+        parts, size = [[]], 0
+        for item in order:
+            if parts[-1] and size + nbytes[item[1]] > spec.max_shard_bytes:
+                parts.append([])
+                size = 0
+            parts[-1].append(item)
+            size += nbytes[item[1]]
     ext = "bin" if spec.fmt == "bin" else "safetensors"
     weight_map, total = {}, 0
-    for s in range(spec.shards):
-        part = order[s * per_shard:(s + 1) * per_shard]
+    for s, part in enumerate(parts):
         state = {}
         for kind, k in part:
             if kind == "llm":
                 state[k] = llm_tensor(k, shapes[k], gen, spec.hidden // spec.heads)
             else:
                 state["model.visual_model." + k] = sam[k]
-        name = f"{'pytorch_model' if ext == 'bin' else 'model'}-{s + 1:05d}-of-{spec.shards:05d}.{ext}"
+        name = f"{'pytorch_model' if ext == 'bin' else 'model'}-{s + 1:05d}-of-{len(parts):05d}.{ext}"
         if ext == "bin":
             torch.save(state, folder / name)
         else:

@@ -199,7 +199,9 @@ REFUSALS = {
     "no tokenizer": (lambda f: (f / "tokenizer.model").unlink(), "lacks the tokenizer file(s) tokenizer.model"),
     "no im tokens": (lambda f: (f / "added_tokens.json").write_text('{"[SEG]": 400}'), "lacks <im_start> / <im_end>"),
     "CLIP resolution": (lambda f: _edit_config(f, mm_vision_tower="openai/clip-vit-large-patch14-336"),
-                        "(336 px) but the CLIP folder is 56 px"),
+                        "(336 px) but the CLIP folder"),
+    "tokenizer of another checkpoint": (lambda f: _edit_config(f, vocab_size=100),
+                                        "the tokenizer has 404 tokens but config.json a vocab_size of 100"),
     "scaled RoPE": (lambda f: _edit_config(f, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
 }
 
@@ -221,7 +223,32 @@ def test_refusals_are_one_line_and_leave_nothing(fabricated, tmp_path, case):
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
     assert message in result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no staging folder left behind
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left in (["src"], [".out.lock", "src"])  # no output, no staging folder left behind (the lock file may stay)
+
+
+def test_v0_text_hidden_fcs_in_their_own_file(fabricated, tmp_path):
+    """LISA-13B-llama2-v0 keeps text_hidden_fcs in pytorch_model-text_hidden_fcs.bin, outside the index."""
+    src, clip = _copy(fabricated, tmp_path)
+    fcs = {}
+
+    def move(state, weight_map, shard):
+        for k in [k for k in state if k.startswith("model.text_hidden_fcs.")]:
+            fcs[k.removeprefix("model.")] = state.pop(k)
+            weight_map.pop(k)
+
+    for shard in ("pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"):
+        index_path = src / "pytorch_model.bin.index.json"
+        index = json.loads(index_path.read_text())
+        state = torch.load(src / shard, weights_only=True)
+        move(state, index["weight_map"], shard)
+        torch.save(state, src / shard)
+        index_path.write_text(json.dumps(index))
+    assert len(fcs) == 4
+    torch.save(fcs, src / "pytorch_model-text_hidden_fcs.bin")
+    ours = load_model(convert_lisa(src, tmp_path / "out", clip=clip)).state_dict()
+    reference = load_model(fabricated["lisa-7b-v1"][2]).state_dict()
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
 
 
 def test_missing_clip_names_the_fixes(fabricated, tmp_path, monkeypatch):
@@ -250,3 +277,14 @@ def test_cli_converts_and_runs_and_model_converts_on_first_use(fabricated, tmp_p
     assert [p.name.startswith("lisa-7b-v1-") for p in cached if not p.name.startswith(".")] == [True]
     second = load_model(src)
     assert first.fingerprint() == second.fingerprint() == load_model(fabricated["lisa-7b-v1"][2]).fingerprint()
+
+
+def test_two_converters_into_one_folder(fabricated, tmp_path):
+    from harness.files import exclusive
+
+    src, clip, _, _ = fabricated["lisa-7b-v1"]
+    with exclusive(tmp_path / ".out.lock", wait=False):  # as another process converting into out/ holds it
+        with pytest.raises(ValueError, match="another process .* is converting into"):
+            convert_lisa(src, tmp_path / "out", clip=clip)
+    assert not (tmp_path / "out").exists()
+    convert_lisa(src, tmp_path / "out", clip=clip)  # free again: converts

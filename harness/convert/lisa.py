@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from harness.convert.sources import Checkpoint, find_checkpoint, iter_shards, load_file, sha256
+from harness.convert.sources import Checkpoint, find_checkpoint, iter_shards, sha256
 from harness.convert.tokenizer import lisa_tokenizer
 
 MAX_FILE_BYTES = 2 * 1024**3  # output safetensors files are cut at this size
@@ -86,8 +86,8 @@ def map_key(key: str) -> str | None:
         return key
     if re.fullmatch(r"model\.mm_projector\.((0|2)\.)?(weight|bias)", key):
         return "projector." + key[len("model.mm_projector."):]
-    if key.startswith("model.text_hidden_fcs."):
-        return key[len("model."):]
+    if key.startswith(("model.text_hidden_fcs.", "text_hidden_fcs.")):  # the second: LISA-13B-llama2-v0's own file
+        return key.removeprefix("model.")
     if key.startswith("model.visual_model."):
         name = "sam." + sam_key(key[len("model.visual_model."):])
         # SamModel ties the prompt encoder's Fourier matrix to `shared_image_embedding`, stored under that name
@@ -268,7 +268,7 @@ def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | 
         clip: a local openai/clip-vit-large-patch14 (or -336) folder; default: the config's vision tower from the
             Hugging Face cache.
         dtype: cast floating tensors to this dtype (default: keep each as stored, bf16 LLM and fp32 SAM for LISA).
-        progress: called with the bytes of each source file once it is converted.
+        progress: called with the bytes converted so far, per tensor (totalling the source files' sizes).
     """
     from harness.model import SegModel, SegModelConfig
 
@@ -283,64 +283,88 @@ def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | 
     refuse_unsupported(ckpt.keys(), config, src)
     use_start_end = bool(config.get("mm_use_im_start_end", False))
     tokenizer = lisa_tokenizer(src, need_im_tokens=use_start_end)
+    if len(tokenizer) > int(config.get("vocab_size", 0)):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but config.json a vocab_size of "
+                         f"{config.get('vocab_size')}; the tokenizer files belong to another checkpoint")
+    files = list(ckpt.files)
+    if (v0 := src / "pytorch_model-text_hidden_fcs.bin").is_file() and v0 not in files:
+        files.append(v0)  # LISA-13B-llama2-v0 keeps text_hidden_fcs in a file of its own, outside the index
+    llm = llm_config(config)
+    tower = config.get("mm_vision_tower") or config.get("vision_tower") or "openai/clip-vit-large-patch14"
+    clip_dir = find_clip(tower, clip)
+    vision = clip_config(clip_dir)
+    clip_ckpt = find_checkpoint(clip_dir, "CLIP")
+    if re.search(r"clip-vit-large-patch14(-336)?$", tower) and vision["image_size"] != (want := 336 if
+                                                                                        tower.endswith("336") else 224):
+        raise ValueError(f"the checkpoint was trained with {tower} ({want} px) but the CLIP folder {clip_dir} is "
+                         f"{vision['image_size']} px; pass the matching --clip")
+    if config.get("mm_hidden_size") not in (None, vision["hidden_size"]):
+        raise ValueError(f"the checkpoint's projector expects CLIP width {config['mm_hidden_size']} but the CLIP "
+                         f"folder {clip_dir} has {vision['hidden_size']}; pass the matching --clip")
+
+    from harness.files import Busy, exclusive
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    stage = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
+    stage = dst.parent / f".{dst.name}.partial"
     try:
-        writer = _Writer(stage, dtype)
-        unknown: list[str] = []
-        for path, state in iter_shards(ckpt):
-            for key, tensor in state.items():
+        with exclusive(dst.parent / f".{dst.name}.lock", wait=False):
+            shutil.rmtree(stage, ignore_errors=True)  # left by a killed conversion
+            stage.mkdir()
+            try:
+                writer = _Writer(stage, dtype)
+                read_weights(Checkpoint(ckpt.folder, files, ckpt.index), map_key, writer, progress, src)
+                read_weights(clip_ckpt, clip_key, writer, None, clip_dir)
+                projector = "mlp2x_gelu" if "projector.0.weight" in writer.shapes else "linear"
+                fcs = writer.shapes.get("text_hidden_fcs.0.2.weight")
                 try:
-                    name = map_key(key)
-                except KeyError:
-                    unknown.append(key)
-                    continue
-                if name is not None:
-                    writer.add(name, tensor)
-            if progress:
-                progress(path.stat().st_size)
-            writer.flush()
-            del state
-        if unknown:
-            raise ValueError(f"{len(unknown)} tensor(s) of {src} are not part of a LISA model (e.g. {unknown[0]}); "
-                             f"is this a LISA checkpoint?")
-        tower = config.get("mm_vision_tower") or config.get("vision_tower") or "openai/clip-vit-large-patch14"
-        clip_dir = find_clip(tower, clip)
-        vision = clip_config(clip_dir)
-        clip_ckpt = find_checkpoint(clip_dir, "CLIP")
-        for path in clip_ckpt.files:
-            for key, tensor in load_file(path).items():
-                if (name := clip_key(key)) is not None:
-                    writer.add(name, tensor)
-        writer.flush()
-        want = 336 if "336" in str(config.get("mm_vision_tower", "")) else 224
-        if vision["image_size"] != want and "clip-vit-large" in str(config.get("mm_vision_tower", "")):
-            raise ValueError(f"the checkpoint was trained with {config['mm_vision_tower']} ({want} px) but the CLIP "
-                             f"folder is {vision['image_size']} px; pass the matching --clip")
-        if config.get("mm_hidden_size") not in (None, vision["hidden_size"]):
-            raise ValueError(f"the checkpoint's projector expects CLIP width {config['mm_hidden_size']} but the CLIP "
-                             f"folder has {vision['hidden_size']}; pass the matching --clip")
-
-        projector = "mlp2x_gelu" if "projector.0.weight" in writer.shapes else "linear"
-        fcs = writer.shapes.get("text_hidden_fcs.0.2.weight")
-        cfg = SegModelConfig(vision=vision, llm=llm_config(config), sam=sam_config(writer.shapes), projector=projector,
-                             seg_out_dim=fcs[0] if fcs else int(config.get("out_dim", 256)),
-                             vision_feature_layer=int(config.get("mm_vision_select_layer", -2)),
-                             use_mm_start_end=use_start_end, name=src.name)
-        check_against_model(writer.shapes, SegModel.expected_shapes(cfg, tokenizer), src)
-        writer.finish()
-        (stage / "segprune.json").write_text(cfg.to_json())
-        tokenizer.save_pretrained(stage)
-        shutil.copyfile(src / "config.json", stage / "source_config.json")
-        (stage / "convert.json").write_text(json.dumps(manifest(ckpt, clip_ckpt.files, writer, projector), indent=2))
-        os.replace(stage, dst)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+                    sam = sam_config(writer.shapes)
+                except (KeyError, IndexError) as err:
+                    raise ValueError(f"{src} lacks SAM tensors (e.g. sam.{err.args[0] if err.args else '?'}); the "
+                                     f"checkpoint is incomplete") from None
+                cfg = SegModelConfig(vision=vision, llm=llm, sam=sam, projector=projector,
+                                     seg_out_dim=fcs[0] if fcs else int(config.get("out_dim", 256)),
+                                     vision_feature_layer=int(config.get("mm_vision_select_layer", -2)),
+                                     use_mm_start_end=use_start_end, name=src.name)
+                check_against_model(writer.shapes, SegModel.expected_shapes(cfg, tokenizer), src)
+                writer.finish()
+                (stage / "segprune.json").write_text(cfg.to_json())
+                tokenizer.save_pretrained(stage)
+                shutil.copyfile(src / "config.json", stage / "source_config.json")
+                (stage / "convert.json").write_text(json.dumps(manifest(ckpt, clip_ckpt.files, writer, projector),
+                                                               indent=2))
+                os.replace(stage, dst)
+            except BaseException:
+                shutil.rmtree(stage, ignore_errors=True)
+                raise
+    except Busy as busy:
+        raise ValueError(f"another process (pid {busy.holder}) is converting into {dst}; wait for it") from None
     return dst
+
+
+def read_weights(ckpt: Checkpoint, rename: Callable[[str], str | None], writer: _Writer,
+                 progress: Callable[[int], None] | None, what: Path) -> None:
+    """Every tensor of `ckpt`, renamed, into `writer`, one file at a time."""
+    unknown: list[str] = []
+    for path, state in iter_shards(ckpt):
+        done = 0
+        for key, tensor in state.items():
+            try:
+                name = rename(key)
+            except KeyError:
+                unknown.append(key)
+                continue
+            if name is not None:
+                writer.add(name, tensor)
+            if progress:
+                progress(tensor.nbytes)
+                done += tensor.nbytes
+        if progress:
+            progress(max(0, path.stat().st_size - done))  # the file's own overhead: the bar ends at its size
+        writer.flush()
+        del state
+    if unknown:
+        raise ValueError(f"{len(unknown)} tensor(s) of {what} are not part of a LISA model (e.g. {unknown[0]}); "
+                         f"is this a LISA checkpoint?")
 
 
 def check_against_model(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], src: Path) -> None:
@@ -391,7 +415,7 @@ def converted(src: str | os.PathLike, *, progress: bool = True) -> Path:
     if (dst / "segprune.json").is_file():
         return dst
     root.mkdir(parents=True, exist_ok=True)
-    with exclusive(root / f".{dst.name}.lock", wait=True):
+    with exclusive(root / f".{dst.name}.first-use.lock", wait=True):  # later callers wait, then load
         if not (dst / "segprune.json").is_file():
             import sys
 

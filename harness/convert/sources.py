@@ -106,7 +106,7 @@ def iter_shards(ckpt: Checkpoint) -> Iterator[tuple[Path, dict[str, Tensor]]]:
     """(file, its tensors) for every file in turn; a shard must hold exactly the keys its index gives it."""
     for path in ckpt.files:
         state = load_file(path)
-        if ckpt.index is not None:
+        if ckpt.index is not None and path.name in ckpt.index.values():
             named = {k for k, f in ckpt.index.items() if f == path.name}
             absent, extra = sorted(named - state.keys()), sorted(state.keys() - named)
             if absent:
