@@ -39,6 +39,7 @@ from transformers import (
     SamVisionConfig,
 )
 
+from harness.files import usual_mode
 from harness.method import ModelInfo
 from harness.registry import Registry
 from harness.state import Kind
@@ -283,6 +284,7 @@ class SegModel(nn.Module):
                 seen.add(v.data_ptr())
                 state[k] = v.detach().contiguous().cpu()
         save_file(state, folder / "model.safetensors")
+        os.chmod(folder / "model.safetensors", usual_mode(0o666))  # safetensors creates files 0600
         self.tokenizer.save_pretrained(folder)
 
     @classmethod

@@ -81,6 +81,9 @@ def test_converted_folder_describes_the_model(fabricated):
     # LLaMA side in bf16 (embed, 2 x 9 per layer, norm, 4 projector, 4 text_hidden_fcs, lm_head), SAM and CLIP fp32
     assert info["dtypes"] == {"bfloat16": 29, "float32": info["tensors"] - 29}
     assert load_model(dst).info.n_image_tokens == 36
+    from harness.files import usual_mode
+
+    assert {f.stat().st_mode & 0o777 for f in dst.glob("model-*.safetensors")} == {usual_mode(0o666)}
 
 
 @pytest.mark.parametrize("name", ["7b", "13b"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.convert.lisa import MAX_FILE_BYTES
+from harness.convert.common import MAX_FILE_BYTES
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent

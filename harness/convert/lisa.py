@@ -19,21 +19,17 @@ shard (memory-mapped) plus one output file being written (at most `MAX_FILE_BYTE
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from harness.convert.sources import Checkpoint, find_checkpoint, iter_shards, sha256
+from harness.convert.common import Writer, check_against_model, manifest, read_weights, staged, write_folder
+from harness.convert.sources import Checkpoint, find_checkpoint
 from harness.convert.tokenizer import lisa_tokenizer
-
-MAX_FILE_BYTES = 2 * 1024**3  # output safetensors files are cut at this size
 
 # transformers' own SAM conversion (models/sam/convert_sam_to_hf.py): substring renames, applied in this order
 SAM_RENAMES = (
@@ -163,6 +159,15 @@ def sam_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     )
 
 
+def checked_sam_config(shapes: dict[str, tuple[int, ...]], src: Path) -> dict:
+    """`sam_config`, with a one-line error when SAM tensors it reads are absent."""
+    try:
+        return sam_config(shapes)
+    except (KeyError, IndexError) as err:
+        raise ValueError(f"{src} lacks SAM tensors (e.g. sam.{err.args[0] if err.args else '?'}); the checkpoint is "
+                         f"incomplete") from None
+
+
 CLIP_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
                "image_size", "hidden_act", "layer_norm_eps", "projection_dim", "num_channels")
 
@@ -201,50 +206,6 @@ def find_clip(tower: str, clip: str | os.PathLike | None) -> Path:
 
 
 # -- conversion ----------------------------------------------------------------------------------------------------
-class _Writer:
-    """Tensors into safetensors files of at most `MAX_FILE_BYTES`, named model-0000k-of-0000n at the end."""
-
-    def __init__(self, folder: Path, dtype: torch.dtype | None):
-        self.folder, self.dtype = folder, dtype
-        self.pending: dict[str, Tensor] = {}
-        self.parts: list[Path] = []
-        self.weight_map: dict[str, str] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.dtypes: dict[str, int] = {}
-
-    def add(self, name: str, tensor: Tensor) -> None:
-        if name in self.shapes:
-            raise ValueError(f"two source tensors map to {name}; the checkpoint holds duplicates")
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        self.pending[name] = tensor.contiguous()
-        self.shapes[name] = tuple(tensor.shape)
-        key = str(tensor.dtype).removeprefix("torch.")
-        self.dtypes[key] = self.dtypes.get(key, 0) + 1
-        if sum(t.nbytes for t in self.pending.values()) >= MAX_FILE_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if self.pending:
-            part = self.folder / f"part-{len(self.parts) + 1}.safetensors"
-            save_file(self.pending, part, metadata={"format": "pt"})
-            self.parts.append(part)
-            self.weight_map.update(dict.fromkeys(self.pending, part.name))
-            self.pending = {}
-
-    def finish(self) -> None:
-        self.flush()
-        n = len(self.parts)
-        names = {p.name: f"model-{i:05d}-of-{n:05d}.safetensors" for i, p in enumerate(self.parts, 1)}
-        for p in self.parts:
-            p.rename(self.folder / names[p.name])
-        index = {"metadata": {"total_size": sum((self.folder / f).stat().st_size for f in names.values())},
-                 "weight_map": {k: names[v] for k, v in sorted(self.weight_map.items())}}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
 def refuse_unsupported(keys: list[str] | None, config: dict, src: Path) -> None:
     """A one-line refusal naming the family of a LISA-style checkpoint we do not convert."""
     text = " ".join(str(config.get(k, "")) for k in ("_name_or_path", "architectures", "model_type")).lower()
@@ -302,95 +263,20 @@ def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | 
         raise ValueError(f"the checkpoint's projector expects CLIP width {config['mm_hidden_size']} but the CLIP "
                          f"folder {clip_dir} has {vision['hidden_size']}; pass the matching --clip")
 
-    from harness.files import Busy, exclusive
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    stage = dst.parent / f".{dst.name}.partial"
-    try:
-        with exclusive(dst.parent / f".{dst.name}.lock", wait=False):
-            shutil.rmtree(stage, ignore_errors=True)  # left by a killed conversion
-            stage.mkdir()
-            try:
-                writer = _Writer(stage, dtype)
-                read_weights(Checkpoint(ckpt.folder, files, ckpt.index), map_key, writer, progress, src)
-                read_weights(clip_ckpt, clip_key, writer, None, clip_dir)
-                projector = "mlp2x_gelu" if "projector.0.weight" in writer.shapes else "linear"
-                fcs = writer.shapes.get("text_hidden_fcs.0.2.weight")
-                try:
-                    sam = sam_config(writer.shapes)
-                except (KeyError, IndexError) as err:
-                    raise ValueError(f"{src} lacks SAM tensors (e.g. sam.{err.args[0] if err.args else '?'}); the "
-                                     f"checkpoint is incomplete") from None
-                cfg = SegModelConfig(vision=vision, llm=llm, sam=sam, projector=projector,
-                                     seg_out_dim=fcs[0] if fcs else int(config.get("out_dim", 256)),
-                                     vision_feature_layer=int(config.get("mm_vision_select_layer", -2)),
-                                     use_mm_start_end=use_start_end, name=src.name)
-                check_against_model(writer.shapes, SegModel.expected_shapes(cfg, tokenizer), src)
-                writer.finish()
-                (stage / "segprune.json").write_text(cfg.to_json())
-                tokenizer.save_pretrained(stage)
-                shutil.copyfile(src / "config.json", stage / "source_config.json")
-                (stage / "convert.json").write_text(json.dumps(manifest(ckpt, clip_ckpt.files, writer, projector),
-                                                               indent=2))
-                os.replace(stage, dst)
-            except BaseException:
-                shutil.rmtree(stage, ignore_errors=True)
-                raise
-    except Busy as busy:
-        raise ValueError(f"another process (pid {busy.holder}) is converting into {dst}; wait for it") from None
+    with staged(dst) as stage:
+        writer = Writer(stage, dtype)
+        read_weights(Checkpoint(ckpt.folder, files, ckpt.index), map_key, writer, progress, src)
+        read_weights(clip_ckpt, clip_key, writer, None, clip_dir)
+        projector = "mlp2x_gelu" if "projector.0.weight" in writer.shapes else "linear"
+        fcs = writer.shapes.get("text_hidden_fcs.0.2.weight")
+        cfg = SegModelConfig(vision=vision, llm=llm, sam=checked_sam_config(writer.shapes, src), projector=projector,
+                             seg_out_dim=fcs[0] if fcs else int(config.get("out_dim", 256)),
+                             vision_feature_layer=int(config.get("mm_vision_select_layer", -2)),
+                             use_mm_start_end=use_start_end, name=src.name)
+        check_against_model(writer.shapes, SegModel.expected_shapes(cfg, tokenizer), src)
+        write_folder(stage, writer, cfg, tokenizer, manifest("lisa", ckpt, clip_ckpt.files, writer, projector),
+                     src / "config.json")
     return dst
-
-
-def read_weights(ckpt: Checkpoint, rename: Callable[[str], str | None], writer: _Writer,
-                 progress: Callable[[int], None] | None, what: Path) -> None:
-    """Every tensor of `ckpt`, renamed, into `writer`, one file at a time."""
-    unknown: list[str] = []
-    for path, state in iter_shards(ckpt):
-        done = 0
-        for key, tensor in state.items():
-            try:
-                name = rename(key)
-            except KeyError:
-                unknown.append(key)
-                continue
-            if name is not None:
-                writer.add(name, tensor)
-            if progress:
-                progress(tensor.nbytes)
-                done += tensor.nbytes
-        if progress:
-            progress(max(0, path.stat().st_size - done))  # the file's own overhead: the bar ends at its size
-        writer.flush()
-        del state
-    if unknown:
-        raise ValueError(f"{len(unknown)} tensor(s) of {what} are not part of a LISA model (e.g. {unknown[0]}); "
-                         f"is this a LISA checkpoint?")
-
-
-def check_against_model(got: dict[str, tuple[int, ...]], want: dict[str, tuple[int, ...]], src: Path) -> None:
-    """Strict: the converted tensors are exactly the model's, with its shapes."""
-    missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
-    if missing:
-        raise ValueError(f"{src} lacks {len(missing)} tensor(s) a LISA model needs (e.g. {missing[0]}); the checkpoint "
-                         f"is incomplete")
-    if unexpected:
-        raise ValueError(f"{src} has {len(unexpected)} tensor(s) the model has no place for (e.g. {unexpected[0]})")
-    bad = [k for k in want if got[k] != want[k]]
-    if bad:
-        raise ValueError(f"{src}: {bad[0]} has shape {list(got[bad[0]])} but config.json implies {list(want[bad[0]])} "
-                         f"({len(bad)} such tensors); config and weights do not belong together")
-
-
-def manifest(ckpt: Checkpoint, clip_files: list[Path], writer: _Writer, projector: str) -> dict:
-    from importlib.metadata import version
-
-    def describe(files: list[Path]) -> dict:
-        return {str(f): {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in files}
-
-    return {"format": "lisa", "source": str(ckpt.folder.resolve()), "source_files": describe(ckpt.files),
-            "clip_files": describe(clip_files), "projector": projector, "tensors": len(writer.shapes),
-            "dtypes": writer.dtypes, "segprune": version("segprune"), "transformers": version("transformers"),
-            "torch": torch.__version__, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def is_lisa_folder(folder: Path) -> bool:
