@@ -430,26 +430,53 @@ def convert_lisa_cmd(src: Path, dst: Path, clip: Path | None, dtype: str) -> Non
     SRC is the folder as downloaded: config.json, tokenizer files and pytorch_model-*.bin (or safetensors) shards
     with their index. Reads one shard at a time; DST is written whole or not at all.
     """
+    from harness.convert.lisa import convert_lisa
+
+    _convert(convert_lisa, src, dst, dtype, clip=clip)
+
+
+@convert.command("llava")
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--sam", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="original SAM checkpoint (sam_vit_h_4b8939.pth); with --seg-head: a segmentation model")
+@click.option("--seg-head", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="file with the text_hidden_fcs weights trained with this LLaVA's [SEG] token")
+@click.option("--dtype", type=click.Choice(["keep", *DTYPES]), default="keep", show_default=True)
+@friendly
+def convert_llava_cmd(src: Path, dst: Path, sam: Path | None, seg_head: Path | None, dtype: str) -> None:
+    """Convert a transformers-layout LLaVA-1.5 folder SRC (llava-hf/llava-1.5-7b-hf) into DST.
+
+    Without --sam/--seg-head the result is a plain MLLM: FLOPs, latency, generate and token analyses, no masks.
+    """
+    from harness.convert.llava import convert_llava
+
+    _convert(convert_llava, src, dst, dtype, sam=sam, seg_head=seg_head)
+
+
+def _convert(fn: Callable[..., Path], src: Path, dst: Path, dtype: str, **options: Any) -> None:
     import torch
     from tqdm import tqdm
 
-    from harness.convert.lisa import convert_lisa
     from harness.convert.sources import find_checkpoint
 
     cast = None if dtype == "keep" else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    total = find_checkpoint(src, "LISA checkpoint").nbytes
+    total = find_checkpoint(src).nbytes
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {src.name}", file=sys.stderr,
               disable=None, leave=False) as bar:
-        out = convert_lisa(src, dst, clip=clip, dtype=cast, progress=bar.update)
+        out = fn(src, dst, dtype=cast, progress=bar.update, **options)
     cfg = json.loads((out / "segprune.json").read_text())
     info = json.loads((out / "convert.json").read_text())
     grid = cfg["vision"]["image_size"] // cfg["vision"]["patch_size"]
-    width = cfg["sam"]["vision"]["hidden_size"]
-    sam = {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}.get(width, f"a ViT of width {width}")
+    if cfg["sam"] is None:
+        sam = "no SAM (a plain MLLM: FLOPs, latency, generate; no masks)"
+    else:
+        width = cfg["sam"]["vision"]["hidden_size"]
+        sam = "SAM " + {768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}.get(width, f"a ViT of width {width}")
     click.echo(f"{out}: {info['tensors']} tensors ({', '.join(f'{n} {d}' for d, n in info['dtypes'].items())}); "
                f"LLaMA {cfg['llm']['num_hidden_layers']} layers x {cfg['llm']['hidden_size']}, "
-               f"{info['projector']} projector, {grid * grid} image tokens, SAM {sam}")
-    click.echo(f"next: segprune run --model {out}")
+               f"{info['projector']} projector, {grid * grid} image tokens, {sam}")
+    click.echo(f"next: segprune {'run' if cfg['sam'] else 'bench'} --model {out}")
 
 
 @main.group()

@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from harness.archs import ARCHS
-from harness.convert.lisa import converted, is_lisa_folder
+from harness.convert.common import converted
+from harness.convert.lisa import convert_lisa, is_lisa_folder
+from harness.convert.llava import convert_llava, is_llava_folder
 from harness.model import MODELS, TINY, SegModel, build_random, check_attention, check_device
 
 
@@ -36,7 +38,9 @@ def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str |
     path = Path(name)
     if path.is_dir():
         if is_lisa_folder(path):  # a released LISA checkpoint: converted once into the cache
-            path = converted(path)
+            path = converted(path, convert_lisa)
+        elif is_llava_folder(path):  # a transformers-layout LLaVA-1.5: a plain MLLM, converted once
+            path = converted(path, convert_llava)
         return SegModel.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
     known = ["random:tiny", *(f"random:{a}" for a in ARCHS), *MODELS.names()]
     raise ValueError(f"unknown model {name!r}: not a registered name or a folder; available: {', '.join(known)}")

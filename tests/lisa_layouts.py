@@ -268,6 +268,56 @@ def write_clip(folder: str | Path, *, hidden: int = 32, layers: int = 3, heads: 
     return folder
 
 
+def write_llava_hf(folder: str | Path, *, image_size: int = 84, seg_token: bool = False, hub_layout: bool = True,
+                   seed: int = 0) -> Path:
+    """A transformers-layout LLaVA-1.5 folder as `LlavaForConditionalGeneration.save_pretrained` writes it (fp16,
+    two shards); `hub_layout`: the CLIP keys as llava-hf's files on the hub name them (`vision_tower.vision_model.*`).
+    `seg_token`: a LLaVA fine-tuned with LISA's [SEG] added to its tokenizer."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sp = folder / "sp"
+    sp.mkdir()
+    shutil.copy(DATA / "tokenizer.model", sp / "tokenizer.model")
+    tok = LlamaTokenizer.from_pretrained(sp)
+    shutil.rmtree(sp)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    if seg_token:
+        tok.add_tokens("[SEG]")
+    vocab = -(-len(tok) // 64) * 64  # llava-hf pads its embeddings to a multiple of 64 (32064)
+    cfg = LlavaConfig(
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, rms_norm_eps=1e-5,
+                         max_position_embeddings=4096),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=2, image_size=image_size, patch_size=14, projection_dim=32),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * (0.05 if "norm" in name else 0.02))
+    model.to(torch.float16).save_pretrained(folder, max_shard_size="100KB")
+    tok.save_pretrained(folder)
+    if hub_layout:
+        for f in folder.glob("model*.safetensors"):
+            state = load_file(f)
+            save_file({k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in state.items()}, f,
+                      metadata={"format": "pt"})
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            data["weight_map"] = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v
+                                  for k, v in data["weight_map"].items()}
+            index.write_text(json.dumps(data))
+    return folder
+
+
 if __name__ == "__main__":  # the 7B-shape checkpoint of the slow test, by hand
     if len(sys.argv) < 3 or sys.argv[1] != "lisa-7b":
         sys.exit(__doc__.strip().splitlines()[-1])

@@ -156,8 +156,6 @@ def llama_last_hidden(w: dict[str, torch.Tensor], cfg: dict, embeds: torch.Tenso
 def lisa_segment(lisa_dir: Path, clip_dir: Path, sam_spec: SamSpec, image: Image.Image, query: str,
                  is_sentence: bool = False) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """(input ids, final hidden state of the token before [SEG] (1, H), mask logits (H, W)) as LISA computes them."""
-    from segment_anything.utils.transforms import ResizeLongestSide
-
     cfg = json.loads((lisa_dir / "config.json").read_text())
     clip_cfg = json.loads((clip_dir / "config.json").read_text())["vision_config"]
     w = raw_tensors(lisa_dir)
@@ -179,18 +177,26 @@ def lisa_segment(lisa_dir: Path, clip_dir: Path, sam_spec: SamSpec, image: Image
     e = F.linear(F.relu(F.linear(h, w["model.text_hidden_fcs.0.0.weight"], w["model.text_hidden_fcs.0.0.bias"])),
                  w["model.text_hidden_fcs.0.2.weight"], w["model.text_hidden_fcs.0.2.bias"])
 
-    sam = build_sam(sam_spec)
-    sam.load_state_dict({k[len("model.visual_model."):]: v for k, v in w.items()
-                         if k.startswith("model.visual_model.")}, strict=True)
+    sam_state = {k[len("model.visual_model."):]: v for k, v in w.items() if k.startswith("model.visual_model.")}
+    return ids, h, sam_logits(sam_state, sam_spec, e, image)
+
+
+def sam_logits(state: dict[str, torch.Tensor], spec: SamSpec, e: torch.Tensor, image: Image.Image) -> torch.Tensor:
+    """LISA's mask for the prompt embedding `e` (1, C): the original SAM with segment_anything's own keys, LISA's
+    ResizeLongestSide preprocessing, the text-embedding sparse prompt, no_mask_embed, postprocess_masks."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    sam = build_sam(spec)
+    sam.load_state_dict(state, strict=True)
     sam.eval()
     arr = np.asarray(image.convert("RGB"))
-    resized = ResizeLongestSide(sam_spec.img_size).apply_image(arr)
+    resized = ResizeLongestSide(spec.img_size).apply_image(arr)
     x = sam.preprocess(torch.from_numpy(resized).permute(2, 0, 1).float()[None])
     with torch.no_grad():
         emb = sam.image_encoder(x)
-        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, sam_spec.grid, sam_spec.grid)
+        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, spec.grid, spec.grid)
         low, _ = sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
                                   sparse_prompt_embeddings=e[:, None], dense_prompt_embeddings=dense,
                                   multimask_output=False)
         logits = sam.postprocess_masks(low, resized.shape[:2], arr.shape[:2])
-    return ids, h, logits[0, 0]
+    return logits[0, 0]

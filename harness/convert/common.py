@@ -148,3 +148,33 @@ def write_folder(stage: Path, writer: Writer, config, tokenizer, manifest_: dict
     tokenizer.save_pretrained(stage)
     shutil.copyfile(source_config, stage / "source_config.json")
     (stage / "convert.json").write_text(json.dumps(manifest_, indent=2))
+
+
+def converted(src: str | os.PathLike, convert: Callable[..., Path], *, progress: bool = True) -> Path:
+    """The segprune folder of the checkpoint folder `src` in the cache ($SEGPRUNE_CACHE/converted), made by
+    `convert(src, dst, progress=...)` on first use (one process converts, others wait for it). Keyed by the
+    source's path and its files' names, sizes and times."""
+    import hashlib
+    import sys
+
+    from tqdm import tqdm
+
+    from harness.convert.sources import find_checkpoint
+    from harness.datasets.shapes import cache_dir
+    from harness.files import exclusive
+
+    src = Path(src).resolve()
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.iterdir()) if f.is_file()]
+    key = hashlib.sha256(json.dumps([str(src), stamp]).encode()).hexdigest()[:12]
+    root = cache_dir() / "converted"
+    dst = root / f"{src.name}-{key}"
+    if (dst / "segprune.json").is_file():
+        return dst
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive(root / f".{dst.name}.first-use.lock", wait=True):  # later callers wait, then load
+        if not (dst / "segprune.json").is_file():
+            total = find_checkpoint(src).nbytes
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {src.name} (once)", file=sys.stderr,
+                      disable=None if progress else True, leave=False) as bar:
+                convert(src, dst, progress=bar.update)
+    return dst

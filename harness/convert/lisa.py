@@ -280,35 +280,9 @@ def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | 
 
 
 def is_lisa_folder(folder: Path) -> bool:
-    """An unconverted LISA checkpoint folder (what `--model` accepts and converts on first use)."""
-    return (folder / "config.json").is_file() and (folder / "added_tokens.json").is_file() and \
-        not (folder / "segprune.json").is_file()
-
-
-def converted(src: str | os.PathLike, *, progress: bool = True) -> Path:
-    """The segprune folder of the LISA checkpoint `src` in the cache ($SEGPRUNE_CACHE/converted), converted on first
-    use (one process converts, others wait for it). Keyed by the source's path, file names, sizes and times."""
-    import hashlib
-
-    from harness.datasets.shapes import cache_dir
-    from harness.files import exclusive
-
-    src = Path(src).resolve()
-    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.iterdir()) if f.is_file()]
-    key = hashlib.sha256(json.dumps([str(src), stamp]).encode()).hexdigest()[:12]
-    root = cache_dir() / "converted"
-    dst = root / f"{src.name}-{key}"
-    if (dst / "segprune.json").is_file():
-        return dst
-    root.mkdir(parents=True, exist_ok=True)
-    with exclusive(root / f".{dst.name}.first-use.lock", wait=True):  # later callers wait, then load
-        if not (dst / "segprune.json").is_file():
-            import sys
-
-            from tqdm import tqdm
-
-            total = find_checkpoint(src, "LISA checkpoint").nbytes
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {src.name} (once)", file=sys.stderr,
-                      disable=None if progress else True, leave=False) as bar:
-                convert_lisa(src, dst, progress=bar.update)
-    return dst
+    """An unconverted LISA checkpoint folder (old flat LLaVA config; what `--model` accepts and converts)."""
+    path = folder / "config.json"
+    if not path.is_file() or (folder / "segprune.json").is_file():
+        return False
+    config = json.loads(path.read_text())
+    return "text_config" not in config and ("mm_vision_tower" in config or "mm_hidden_size" in config)
