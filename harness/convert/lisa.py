@@ -19,7 +19,6 @@ shard (memory-mapped) plus one output file being written (at most `MAX_FILE_BYTE
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import torch
 from harness.convert.common import Writer, check_against_model, manifest, read_weights, staged, write_folder
 from harness.convert.sources import Checkpoint, find_checkpoint
 from harness.convert.tokenizer import lisa_tokenizer
+from harness.files import read_json
 
 # transformers' own SAM conversion (models/sam/convert_sam_to_hf.py): substring renames, applied in this order
 SAM_RENAMES = (
@@ -177,7 +177,7 @@ def clip_config(folder: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{folder} has no config.json: not a CLIP model folder (expected a local copy of "
                          f"openai/clip-vit-large-patch14)")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path, "download the CLIP folder again")
     vision = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
     if vision.get("model_type", "clip_vision_model") != "clip_vision_model" or "hidden_size" not in vision:
         raise ValueError(f"{path} is not a CLIP config (model_type {cfg.get('model_type')!r})")
@@ -239,7 +239,7 @@ def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | 
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json; expected a LISA checkpoint folder (config.json, tokenizer files, "
                          f"pytorch_model-*.bin shards + pytorch_model.bin.index.json)")
-    config = json.loads((src / "config.json").read_text())
+    config = read_json(src / "config.json", "download it again")
     ckpt = find_checkpoint(src, "LISA checkpoint")
     refuse_unsupported(ckpt.keys(), config, src)
     use_start_end = bool(config.get("mm_use_im_start_end", False))
@@ -255,8 +255,8 @@ def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | 
     clip_dir = find_clip(tower, clip)
     vision = clip_config(clip_dir)
     clip_ckpt = find_checkpoint(clip_dir, "CLIP")
-    if re.search(r"clip-vit-large-patch14(-336)?$", tower) and vision["image_size"] != (want := 336 if
-                                                                                        tower.endswith("336") else 224):
+    want = 336 if tower.endswith("336") else 224
+    if re.search(r"clip-vit-large-patch14(-336)?$", tower) and vision["image_size"] != want:
         raise ValueError(f"the checkpoint was trained with {tower} ({want} px) but the CLIP folder {clip_dir} is "
                          f"{vision['image_size']} px; pass the matching --clip")
     if config.get("mm_hidden_size") not in (None, vision["hidden_size"]):
@@ -274,7 +274,8 @@ def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | 
                              vision_feature_layer=int(config.get("mm_vision_select_layer", -2)),
                              use_mm_start_end=use_start_end, name=src.name)
         check_against_model(writer.shapes, SegModel.expected_shapes(cfg, tokenizer), src)
-        write_folder(stage, writer, cfg, tokenizer, manifest("lisa", ckpt, clip_ckpt.files, writer, projector),
+        write_folder(stage, writer, cfg, tokenizer,
+                     manifest("lisa", Checkpoint(ckpt.folder, files, ckpt.index), clip_ckpt.files, writer, projector),
                      src / "config.json")
     return dst
 
@@ -284,5 +285,5 @@ def is_lisa_folder(folder: Path) -> bool:
     path = folder / "config.json"
     if not path.is_file() or (folder / "segprune.json").is_file():
         return False
-    config = json.loads(path.read_text())
+    config = read_json(path, "download it again")
     return "text_config" not in config and ("mm_vision_tower" in config or "mm_hidden_size" in config)

@@ -17,7 +17,6 @@ square: a deviation for plain-LLaVA numbers).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import torch
 from harness.convert.common import Writer, check_against_model, manifest, read_weights, staged, write_folder
 from harness.convert.lisa import CLIP_FIELDS, checked_sam_config, llm_config, sam_key
 from harness.convert.sources import Checkpoint, find_checkpoint
+from harness.files import read_json
 
 
 def llava_key(key: str) -> str | None:
@@ -114,7 +114,7 @@ def convert_llava(src: str | os.PathLike, dst: str | os.PathLike, *, sam: str | 
                          "or neither for a plain MLLM")
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json; expected a transformers LLaVA-1.5 folder (llava-hf layout)")
-    config = json.loads((src / "config.json").read_text())
+    config = read_json(src / "config.json", "download it again")
     llm, vision = configs(config, src)
     ckpt = find_checkpoint(src, "LLaVA checkpoint")
     try:
@@ -157,5 +157,5 @@ def is_llava_folder(folder: Path) -> bool:
     path = folder / "config.json"
     if not path.is_file() or (folder / "segprune.json").is_file():
         return False
-    config = json.loads(path.read_text())
+    config = read_json(path, "download it again")
     return config.get("model_type") == "llava" and "text_config" in config

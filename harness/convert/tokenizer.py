@@ -15,11 +15,12 @@ holds the ids the real 4.31 slow tokenizer gives; the tests compare against it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import AddedToken, normalizers
 from transformers import PreTrainedTokenizerFast
+
+from harness.files import read_json
 
 FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json")
 
@@ -38,12 +39,12 @@ def lisa_tokenizer(folder: str | Path, *, need_im_tokens: bool) -> PreTrainedTok
     if missing:
         raise ValueError(f"{folder} lacks the tokenizer file(s) {', '.join(missing)}; a LISA checkpoint ships "
                          f"{', '.join(FILES)} next to its weights: download them too")
-    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config = read_json(folder / "tokenizer_config.json", "download the tokenizer files again")
     if config.get("legacy", True) is False:
         raise ValueError(f"{folder / 'tokenizer_config.json'} sets legacy: false, but LISA evaluated with the legacy "
                          f"LLaMA tokenizer of transformers 4.31 (with legacy: false 4.31 maps words after added tokens "
                          f"to <unk>); remove the key or set it to true")
-    added = json.loads((folder / "added_tokens.json").read_text())  # token -> id
+    added = read_json(folder / "added_tokens.json", "download the tokenizer files again")  # token -> id
     if "[SEG]" not in added:
         raise ValueError(f"{folder / 'added_tokens.json'} has no [SEG] token: not a LISA checkpoint")
     if need_im_tokens and not {"<im_start>", "<im_end>"} <= added.keys():
