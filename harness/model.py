@@ -320,14 +320,16 @@ class SegModel(nn.Module):
                 if stored and n not in state:
                     state[n] = state[stored[0]]
         model.load_state_dict(state, strict=True, assign=True)
-        model._materialize_buffers(device)
+        model._materialize_buffers(device, dtype)
         return model.eval().requires_grad_(False)
 
-    def _materialize_buffers(self, device: str) -> None:
-        """The buffers no checkpoint stores (transformers computes them in the constructors), on `device`."""
+    def _materialize_buffers(self, device: str, dtype: torch.dtype) -> None:
+        """The buffers no checkpoint stores (transformers computes them in the constructors), on `device`. RoPE's
+        inv_freq is cast to `dtype` as `.to(dtype)` always did here (results and cell ids stay comparable; LISA's own
+        LLaMA kept it in fp32: a deviation in bf16, to revisit with a fingerprint change)."""
         lm = self.language_model
         with torch.device(device):
-            lm.rotary_emb = type(lm.rotary_emb)(config=lm.config)  # fp32 inv_freq, as LISA's LLaMA kept it
+            lm.rotary_emb = type(lm.rotary_emb)(config=lm.config).to(dtype)
         emb = self.vision_tower.embeddings
         emb.register_buffer("position_ids", torch.arange(emb.num_positions, device=device).expand((1, -1)),
                             persistent=False)
