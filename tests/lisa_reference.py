@@ -41,7 +41,6 @@ def slow_tokenize(sp: spm.SentencePieceProcessor, added: dict[str, int], text: s
         else:
             i += 1
     pieces.append(text[start:])
-    pieces = [p for p in pieces]
     for j, p in enumerate(pieces):
         if p in added:  # plain added tokens strip both neighbours; <s> </s> <unk> are AddedToken(lstrip=rstrip=False)
             if j + 1 < len(pieces) and pieces[j + 1] not in no_split:

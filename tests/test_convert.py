@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from harness.cli import main
-from harness.convert.lisa import SAM_RENAMES, convert_lisa, sam_config, sam_key
+from harness.convert.lisa import convert_lisa, sam_config, sam_key
 from harness.convert.tokenizer import lisa_tokenizer
 from harness.loading import load_model
 from tests.lisa_layouts import DATA, SAM_VIT_H, LisaSpec, SamSpec, build_sam, write_clip, write_lisa
@@ -119,6 +119,15 @@ def test_reference_tokenizer_equals_golden_and_ours_on_arbitrary_text(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     added = json.loads((tmp_path / "added_tokens.json").read_text())
     tok = lisa_tokenizer(tmp_path, need_im_tokens=True)
+    system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the human's questions.")
+    for case in GOLDEN["cases"]["7b"]:  # the reference's rules reproduce the real 4.31 tokenizer
+        q = case["query"]
+        ask = f"{q} Please output segmentation mask." if case["is_sentence"] else \
+            f"What is {q} in this image? Please output segmentation mask."
+        post = f"<im_end>\n {ask} ASSISTANT:" + (" [SEG].</s>" if case["answer"] else "")
+        chunks = [f"{system} USER: <im_start>", post]
+        assert slow_tokenize(sp, added, chunks[0]) + [-200] + slow_tokenize(sp, added, chunks[1])[1:] == case["ids"]
     rng = np.random.default_rng(0)
     words = ["red", " circle", "[SEG]", "<im_start>", "<im_end>", "<im_patch>", " ", "  ", "\n", ".", "?", "42",
              "caf\u00e9", "\u4e2d", "</s>", "ASSISTANT:", "\t", "Please"]
@@ -139,7 +148,10 @@ def test_sam_config_read_from_vit_h_shapes():
     assert {k: cfg["vision"][k] for k in ours["vision"]} == ours["vision"]
     assert {k: cfg["decoder"][k] for k in ours["decoder"]} == ours["decoder"]
     assert cfg["vision"]["mlp_dim"] == 5120 and cfg["vision"]["num_pos_feats"] == 128
-    assert SAM_RENAMES[0][0] == "iou_prediction_head.layers.0"  # order matters: layers.0 -> proj_in before 1 -> 0
+    # order matters: layers.0 -> proj_in must run before layers.1 -> layers.0
+    head = "mask_decoder.iou_prediction_head."
+    assert sam_key(head + "layers.1.weight") == head + "layers.0.weight"
+    assert sam_key(head + "layers.0.weight") == head + "proj_in.weight"
 
 
 # -- refusals --------------------------------------------------------------------------------------------------------

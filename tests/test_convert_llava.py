@@ -132,8 +132,7 @@ def test_llava_hf_config_fills_transformers_defaults(tmp_path):
     llm, vision = configs(config, tmp_path)
     from harness.archs import CLIP_L14, LLAMA_7B
 
-    assert llm == {**{k: llm[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
-                                          "hidden_act", "rope_theta")},
-                   **LLAMA_7B, "vocab_size": 32064, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}
-    assert llm["rope_theta"] == 10000.0 and llm["hidden_act"] == "silu"
+    assert llm == {**LLAMA_7B, "vocab_size": 32064, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                   "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+                   "pad_token_id": 0, "tie_word_embeddings": False}
     assert vision == {**CLIP_L14, "image_size": 336, "num_channels": 3}
