@@ -304,6 +304,7 @@ def write_llava_hf(folder: str | Path, *, image_size: int = 84, seg_token: bool 
             p.add_(torch.randn(p.shape, generator=gen) * (0.05 if "norm" in name else 0.02))
     model.to(torch.float16).save_pretrained(folder, max_shard_size="100KB")
     tok.save_pretrained(folder)
+    shutil.copy(DATA / "tokenizer.model", folder / "tokenizer.model")  # llava-hf ships it beside tokenizer.json
     if hub_layout:
         for f in folder.glob("model*.safetensors"):
             state = load_file(f)

@@ -56,12 +56,15 @@ def slow_tokenize(sp: spm.SentencePieceProcessor, added: dict[str, int], text: s
     return ids
 
 
-def lisa_input_ids(folder: Path, query: str, is_sentence: bool) -> list[int]:
+def lisa_input_ids(folder: Path, query: str, is_sentence: bool, added: dict[str, int] | None = None) -> list[int]:
+    """LISA's prompt ids for a checkpoint folder (tokenizer.model, added_tokens.json unless `added` is given); without
+    <im_start> in the added tokens, LLaVA-1.5's template ("USER: <image>\\n ...")."""
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    added = json.loads((folder / "added_tokens.json").read_text())
+    added = added if added is not None else json.loads((folder / "added_tokens.json").read_text())
     ask = f"{query} Please output segmentation mask." if is_sentence else \
         f"What is {query} in this image? Please output segmentation mask."
-    prompt = f"{SYSTEM} USER: <im_start><image><im_end>\n {ask} ASSISTANT: [SEG].</s>"
+    image = "<im_start><image><im_end>" if "<im_start>" in added else "<image>"
+    prompt = f"{SYSTEM} USER: {image}\n {ask} ASSISTANT: [SEG].</s>"
     chunks = [slow_tokenize(sp, added, c) for c in prompt.split("<image>")]
     return chunks[0] + [-200] + chunks[1][1:]
 

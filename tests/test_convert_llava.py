@@ -7,6 +7,7 @@ splice of the image features, its LLaMA), and the original segment_anything SAM 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from harness.cli import main
 from harness.convert.llava import configs, convert_llava
 from harness.loading import load_model
 from tests.lisa_layouts import SamSpec, sam_state, write_llava_hf
-from tests.lisa_reference import sam_logits
+from tests.lisa_reference import lisa_input_ids, sam_logits
 
 QUERY = "the red circle"
 
@@ -41,19 +42,23 @@ def _image() -> Image.Image:
     return Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 140, 3), dtype=np.uint8))
 
 
-def _stock_hidden(folder, model, image) -> tuple[torch.Tensor, int]:
-    """transformers' own LLaVA on the raw folder: final hidden state of the token before [SEG]."""
-    from transformers import LlavaForConditionalGeneration
+def _stock_hidden(folder, model, image) -> torch.Tensor:
+    """transformers' own LLaVA on the raw folder, fed the prompt ids of 4.31's slow tokenizer (LLaVA-1.5's template,
+    computed in tests.lisa_reference from the sentencepiece model): final hidden state of the token before [SEG]."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    pre, post = model.prompt_ids(QUERY)
-    n = model.info.n_image_tokens
-    ids = pre + [hf.config.image_token_index] * n + post
-    seg = ids.index(model.seg_token_id)
+    stock = AutoTokenizer.from_pretrained(folder)
+    added = {"[SEG]": stock.get_vocab().get("[SEG]", len(stock))}  # a plain LLaVA: [SEG] appended
+    ids = lisa_input_ids(folder, QUERY, False, added)
+    at = ids.index(-200)
+    assert model.prompt_ids(QUERY) == (ids[:at], ids[at + 1:])  # our tokenizer gives 4.31's ids
+    assert ids[ids.index(added["[SEG]"]) - 1] == model.tokenizer.convert_tokens_to_ids(":")  # LISA's mask-token rule
+    ids = ids[:at] + [hf.config.image_token_index] * model.info.n_image_tokens + ids[at + 1:]
     with torch.no_grad():
         out = hf(input_ids=torch.tensor([ids]), pixel_values=model.prepare(image).clip_pixels,
                  output_hidden_states=True)
-    return out.hidden_states[-1][0, seg - 1][None], seg
+    return out.hidden_states[-1][0, ids.index(added["[SEG]"]) - 1][None]
 
 
 @pytest.mark.parametrize("hub_layout", [True, False])
@@ -62,7 +67,7 @@ def test_plain_llava_equals_transformers_own_forward(llava, tmp_path, hub_layout
     model = load_model(convert_llava(src, tmp_path / "out"))
     assert model.sam is None and model.info.n_image_tokens == 36
     image = _image()
-    want, _ = _stock_hidden(src, model, image)
+    want = _stock_hidden(src, model, image)
     out = model.segment(image, QUERY)
     assert out.mask is None and out.logits is None
     torch.testing.assert_close(out.seg_hidden, want, atol=1e-5, rtol=1e-4)
@@ -78,7 +83,7 @@ def test_llava_with_sam_and_seg_head_segments_like_the_reference(llava, tmp_path
     assert "SAM a ViT of width 32" in result.output and "next: segprune run" in result.output
     model = load_model(tmp_path / "out")
     image = _image()
-    hidden, _ = _stock_hidden(src, model, image)
+    hidden = _stock_hidden(src, model, image)
     head = torch.load(llava / "seg_head.bin", weights_only=True)
     e = torch.relu(hidden @ head["text_hidden_fcs.0.0.weight"].T + head["text_hidden_fcs.0.0.bias"])
     e = e @ head["text_hidden_fcs.0.2.weight"].T + head["text_hidden_fcs.0.2.bias"]
@@ -136,3 +141,11 @@ def test_llava_hf_config_fills_transformers_defaults(tmp_path):
                    "rope_theta": 10000.0, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
                    "pad_token_id": 0, "tie_word_embeddings": False}
     assert vision == {**CLIP_L14, "image_size": 336, "num_channels": 3}
+
+
+def test_refuses_a_folder_without_the_sentencepiece_model(llava, tmp_path):
+    src = tmp_path / "no-spm"
+    shutil.copytree(llava / "llava-1.5-hf", src)
+    (src / "tokenizer.model").unlink()
+    with pytest.raises(ValueError, match="lacks tokenizer.model"):
+        convert_llava(src, tmp_path / "out")

@@ -11,8 +11,10 @@ Keys, in both layouts transformers has written (4.x: `language_model.model.*`, `
 the same or `model.language_model.*`, `model.vision_tower.*`): LLaMA -> `language_model.*`, `lm_head`, CLIP ->
 `vision_tower.*`, `multi_modal_projector.linear_{1,2}` -> `projector.{0,2}` (mlp2x_gelu). The configuration comes
 from `config.json` with transformers' own defaults for the fields llava-hf leaves out. Prompts use LISA's template
-without `<im_start>/<im_end>` (LLaVA-1.5's llava_v1), and images LISA's centre crop (LLaVA-1.5 itself pads to a
-square: a deviation for plain-LLaVA numbers).
+without `<im_start>/<im_end>` (LLaVA-1.5's llava_v1), tokenized as LLaVA-1.5 and LISA trained (transformers 4.31's
+slow tokenizer from `tokenizer.model`, added tokens stripping the spaces around them, so the token before [SEG] is
+":"; `harness.convert.tokenizer`), and images LISA's centre crop (LLaVA-1.5 itself pads to a square: a deviation for
+plain-LLaVA numbers).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from harness.convert.common import Writer, check_against_model, manifest, read_weights, staged, write_folder
 from harness.convert.lisa import CLIP_FIELDS, checked_sam_config, llm_config, sam_key
 from harness.convert.sources import Checkpoint, find_checkpoint
+from harness.convert.tokenizer import llava_tokenizer
 from harness.files import read_json
 
 
@@ -102,8 +105,6 @@ def convert_llava(src: str | os.PathLike, dst: str | os.PathLike, *, sam: str | 
         dtype: cast floating tensors (default: as stored).
         progress: called with bytes converted, per tensor.
     """
-    from transformers import AutoTokenizer
-
     from harness.model import SegModel, SegModelConfig
 
     src, dst = Path(src), Path(dst)
@@ -117,15 +118,10 @@ def convert_llava(src: str | os.PathLike, dst: str | os.PathLike, *, sam: str | 
     config = read_json(src / "config.json", "download it again")
     llm, vision = configs(config, src)
     ckpt = find_checkpoint(src, "LLaVA checkpoint")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{src}: no usable tokenizer ({err}); the folder needs its tokenizer files") from None
+    tokenizer = llava_tokenizer(src, add_seg=sam is None)  # untrained [SEG]: see the module docstring
     if "[SEG]" not in tokenizer.get_vocab():
-        if sam is not None:
-            raise ValueError(f"{src}: the tokenizer has no [SEG] token, so no SAM head can have been trained with this "
-                             f"LLaVA; convert without --sam/--seg-head for a plain MLLM")
-        tokenizer.add_tokens("[SEG]")  # untrained: keeps the evaluation template's layout (see the module docstring)
+        raise ValueError(f"{src}: the tokenizer has no [SEG] token, so no SAM head can have been trained with this "
+                         f"LLaVA; convert without --sam/--seg-head for a plain MLLM")
     if len(tokenizer) > llm["vocab_size"]:
         raise ValueError(f"{src}: the tokenizer has {len(tokenizer)} tokens but the embeddings "
                          f"{llm['vocab_size']} rows")

@@ -10,11 +10,14 @@ left and right by default"), so "ASSISTANT: [SEG]." is read as "ASSISTANT:", "[S
 
 Here: transformers' own sentencepiece conversion (`LlamaTokenizer`, legacy) with LISA's added tokens marked
 `lstrip`/`rstrip`, which is 4.31's stripping expressed in the fast tokenizer. `tests/data/lisa_tokenizer/golden.json`
-holds the ids the real 4.31 slow tokenizer gives; the tests compare against it.
+holds the ids the real 4.31 slow tokenizer gives; the tests compare against it. A transformers-layout LLaVA-1.5 gets
+the same treatment (`llava_tokenizer`): LLaVA-1.5 itself trained with 4.31's slow tokenizer.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from tokenizers import AddedToken, normalizers
@@ -23,6 +26,7 @@ from transformers import PreTrainedTokenizerFast
 from harness.files import read_json
 
 FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json")
+SENTENCEPIECE_SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0-2 of LLaMA's sentencepiece model
 
 
 def lisa_tokenizer(folder: str | Path, *, need_im_tokens: bool) -> PreTrainedTokenizerFast:
@@ -32,8 +36,6 @@ def lisa_tokenizer(folder: str | Path, *, need_im_tokens: bool) -> PreTrainedTok
         folder: the checkpoint folder (tokenizer.model, tokenizer_config.json, added_tokens.json).
         need_im_tokens: the config sets `mm_use_im_start_end`, so <im_start> and <im_end> must be added tokens.
     """
-    from transformers import LlamaTokenizer
-
     folder = Path(folder)
     missing = [f for f in FILES if not (folder / f).is_file()]
     if missing:
@@ -50,7 +52,37 @@ def lisa_tokenizer(folder: str | Path, *, need_im_tokens: bool) -> PreTrainedTok
     if need_im_tokens and not {"<im_start>", "<im_end>"} <= added.keys():
         raise ValueError(f"the config sets mm_use_im_start_end but {folder / 'added_tokens.json'} lacks <im_start> / "
                          f"<im_end> (LISA++ checkpoints look like this; segprune does not support LISA++ yet)")
-    tok = LlamaTokenizer.from_pretrained(folder, legacy=True)
+    return legacy_llama(folder / "tokenizer.model", added, folder)
+
+
+def llava_tokenizer(folder: str | Path, *, add_seg: bool) -> PreTrainedTokenizerFast:
+    """The tokenizer of a transformers-layout LLaVA-1.5 folder under the same 4.31 rules: LLaVA-1.5 was trained, and a
+    LISA-style head on it would be, with 4.31's slow tokenizer of the same sentencepiece model. The folder's added
+    tokens (`<image>`, `<pad>`, `[SEG]`) keep their ids; `add_seg` appends `[SEG]` when the folder has none."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.model").is_file():
+        raise ValueError(f"{folder} lacks tokenizer.model; segprune rebuilds LLaVA-1.5's tokenizer from its "
+                         f"sentencepiece model (llava-hf/llava-1.5-7b-hf ships one): copy it into the folder")
+    try:
+        stock = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{folder}: no usable tokenizer ({err}); the folder needs its tokenizer files") from None
+    added = {t.content: i for i, t in stock.added_tokens_decoder.items() if t.content not in SENTENCEPIECE_SPECIALS}
+    if "[SEG]" not in added and add_seg:
+        added["[SEG]"] = max([*added.values(), len(stock) - 1]) + 1
+    return legacy_llama(folder / "tokenizer.model", added, folder)
+
+
+def legacy_llama(model_file: Path, added: dict[str, int], folder: Path) -> PreTrainedTokenizerFast:
+    """LLaMA's sentencepiece `model_file` with 4.31's legacy slow-tokenizer rules and the `added` tokens (token -> id,
+    which must follow the sentencepiece vocabulary in order); `folder` names the files in errors."""
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:  # the sentencepiece model alone: never a tokenizer.json beside it
+        shutil.copyfile(model_file, Path(tmp) / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True, add_eos_token=False)
     # sentencepiece's dummy prefix on every piece, even one that starts with a space (the Metaspace pre-tokenizer
     # transformers 5 uses skips those): transformers 4's legacy fast-tokenizer normalizer
     tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
@@ -62,7 +94,7 @@ def lisa_tokenizer(folder: str | Path, *, need_im_tokens: bool) -> PreTrainedTok
     for token, index in added.items():
         if tok.convert_tokens_to_ids(token) != index:
             raise ValueError(f"{folder}: added token {token} has id {tok.convert_tokens_to_ids(token)} here but "
-                             f"{index} in added_tokens.json; the tokenizer files do not belong together")
+                             f"{index} in the folder's tokenizer files; the tokenizer files do not belong together")
     tok.pad_token = tok.unk_token  # LISA: pad with <unk>, on the right
     tok.padding_side = "right"
     return tok
