@@ -320,6 +320,11 @@ class SegModel(nn.Module):
                 if stored and n not in state:
                     state[n] = state[stored[0]]
         model.load_state_dict(state, strict=True, assign=True)
+        for names in groups.values():  # assign=True gives each alias its own Parameter: tie them again
+            owner, _, attr = names[0].rpartition(".")
+            for n in names[1:]:
+                alias_owner, _, alias_attr = n.rpartition(".")
+                setattr(model.get_submodule(alias_owner), alias_attr, getattr(model.get_submodule(owner), attr))
         model._materialize_buffers(device, dtype)
         return model.eval().requires_grad_(False)
 

@@ -171,3 +171,6 @@ def test_save_and_reload_roundtrip(tmp_path, tiny, image):
     again = harness.load_model(tmp_path / "m")
     assert torch.equal(again.segment(image, QUERY).seg_hidden, tiny.segment(image, QUERY).seg_hidden)
     assert again.fingerprint() == tiny.fingerprint()
+    tied = again.sam.shared_image_embedding.positional_embedding
+    assert again.sam.prompt_encoder.shared_embedding.positional_embedding is tied  # SAM's tie survives loading
+    assert len(list(again.parameters())) == len(list(tiny.parameters()))
