@@ -44,6 +44,23 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def sync_folder(folder: str | os.PathLike) -> None:
+    """fsync every file in `folder` and the folder itself, so that a rename that publishes it publishes its data."""
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            fsync_path(f)
+    fsync_path(folder)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync one file or folder (a folder: the names in it, such as a rename into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2))
 

@@ -303,3 +303,6 @@ def test_two_converters_into_one_folder(fabricated, tmp_path):
             convert_lisa(src, tmp_path / "out", clip=clip)
     assert not (tmp_path / "out").exists()
     convert_lisa(src, tmp_path / "out", clip=clip)  # free again: converts
+    with pytest.raises(ValueError, match="out exists; remove it or choose another destination"):
+        convert_lisa(src, tmp_path / "out", clip=clip)  # the finished folder is never written over
+    assert (tmp_path / "out" / "segprune.json").is_file() and not (tmp_path / ".out.partial").exists()

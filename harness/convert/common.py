@@ -121,19 +121,21 @@ def manifest(fmt: str, ckpt: Checkpoint, extra_files: list[Path], writer: Writer
 def staged(dst: Path) -> Iterator[Path]:
     """A staging folder next to `dst`, renamed to `dst` when the block succeeds and removed when it fails, so `dst`
     appears whole or not at all; one converter per destination (a second one is refused, not queued)."""
-    from harness.files import Busy, exclusive
+    from harness.files import Busy, exclusive, fsync_path, sync_folder
 
-    if dst.exists():
-        raise ValueError(f"{dst} exists; remove it or choose another destination")
     dst.parent.mkdir(parents=True, exist_ok=True)
     stage = dst.parent / f".{dst.name}.partial"
     try:
         with exclusive(dst.parent / f".{dst.name}.lock", wait=False):
+            if dst.exists():  # checked under the lock: a converter that just finished has renamed its stage
+                raise ValueError(f"{dst} exists; remove it or choose another destination")
             shutil.rmtree(stage, ignore_errors=True)  # left by a killed conversion
             stage.mkdir()
             try:
                 yield stage
+                sync_folder(stage)  # the data is on disk before the rename makes the folder visible
                 os.replace(stage, dst)
+                fsync_path(dst.parent)
             except BaseException:
                 shutil.rmtree(stage, ignore_errors=True)
                 raise

@@ -234,8 +234,6 @@ def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | 
     from harness.model import SegModel, SegModelConfig
 
     src, dst = Path(src), Path(dst)
-    if dst.exists():
-        raise ValueError(f"{dst} exists; remove it or choose another destination")
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json; expected a LISA checkpoint folder (config.json, tokenizer files, "
                          f"pytorch_model-*.bin shards + pytorch_model.bin.index.json)")

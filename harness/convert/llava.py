@@ -108,8 +108,6 @@ def convert_llava(src: str | os.PathLike, dst: str | os.PathLike, *, sam: str | 
     from harness.model import SegModel, SegModelConfig
 
     src, dst = Path(src), Path(dst)
-    if dst.exists():
-        raise ValueError(f"{dst} exists; remove it or choose another destination")
     if (sam is None) != (seg_head is None):
         raise ValueError("--sam and --seg-head go together (a mask decoder needs the head that feeds it); give both, "
                          "or neither for a plain MLLM")
