@@ -306,3 +306,24 @@ def test_two_converters_into_one_folder(fabricated, tmp_path):
     with pytest.raises(ValueError, match="out exists; remove it or choose another destination"):
         convert_lisa(src, tmp_path / "out", clip=clip)  # the finished folder is never written over
     assert (tmp_path / "out" / "segprune.json").is_file() and not (tmp_path / ".out.partial").exists()
+
+
+def test_shards_are_read_one_at_a_time(fabricated, monkeypatch):
+    """The previous shard's tensors are freed before the next file is read (peak memory: one shard)."""
+    import weakref
+
+    from harness.convert import sources
+
+    src = fabricated["lisa-7b-v1"][0]
+    alive_at_read, refs = [], []
+    real = sources.load_file
+
+    def load(path):
+        alive_at_read.append(sum(r() is not None for r in refs))
+        return real(path)
+
+    monkeypatch.setattr(sources, "load_file", load)
+    for _, state in sources.iter_shards(sources.find_checkpoint(src)):
+        refs += [weakref.ref(t) for t in state.values()]
+        del state
+    assert len(alive_at_read) == 2 and alive_at_read == [0, 0]

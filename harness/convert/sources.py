@@ -116,6 +116,7 @@ def iter_shards(ckpt: Checkpoint) -> Iterator[tuple[Path, dict[str, Tensor]]]:
                 raise ValueError(f"{path.name} holds {len(extra)} tensor(s) its index does not name (e.g. "
                                  f"{extra[0]}); the index is stale: download both again")
         yield path, state
+        del state  # before the next file is read: one shard in memory at a time (the caller drops its own)
 
 
 def sha256(path: Path) -> str:
