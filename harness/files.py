@@ -65,8 +65,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2))
 
 
-def read_json(path: str | os.PathLike, recover: str) -> Any:
-    """A JSON file segprune wrote; a file that does not parse is a one-line `ValueError` naming it.
+def read_json(path: str | os.PathLike, recover: str) -> dict[str, Any]:
+    """A JSON object from a file (segprune's own or a checkpoint's); a file that does not parse, or holds anything but
+    an object, is a one-line `ValueError` naming it.
 
     Args:
         path: the file.
@@ -74,9 +75,26 @@ def read_json(path: str | os.PathLike, recover: str) -> Any:
     """
     path = Path(path)
     try:
-        return json.loads(path.read_bytes())
+        obj = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        refuse_lfs_pointer(path)
         raise ValueError(f"{path} is corrupt (not valid JSON: {err}); {recover}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is corrupt (a JSON {type(obj).__name__}, not an object); {recover}")
+    return obj
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def refuse_lfs_pointer(path: str | os.PathLike) -> None:
+    """A one-line `ValueError` when `path` is a Git LFS pointer (a clone without `git lfs`) instead of the file."""
+    path = Path(path)
+    if path.stat().st_size < 1024:
+        with open(path, "rb") as f:
+            if f.read(len(LFS_POINTER)) == LFS_POINTER:
+                raise ValueError(f"{path} is a Git LFS pointer, not the file itself (the folder was cloned without "
+                                 f"git-lfs); run `git lfs pull` in {path.parent}, or download with `hf download`")
 
 
 class Busy(Exception):

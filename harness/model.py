@@ -39,7 +39,7 @@ from transformers import (
     SamVisionConfig,
 )
 
-from harness.files import usual_mode
+from harness.files import read_json, usual_mode
 from harness.method import ModelInfo
 from harness.registry import Registry
 from harness.state import Kind
@@ -300,7 +300,7 @@ class SegModel(nn.Module):
         if not (folder / "segprune.json").is_file():
             raise ValueError(f"{folder} is not a segprune model folder (expected segprune.json, model.safetensors "
                              f"and tokenizer files; LISA checkpoints must be converted first: segprune convert lisa)")
-        cfg = SegModelConfig(**json.loads((folder / "segprune.json").read_text()))
+        cfg = SegModelConfig(**read_json(folder / "segprune.json", "convert or copy the model folder again"))
         tok = PreTrainedTokenizerFast.from_pretrained(folder)
         if Path(f"{folder / 'model.safetensors'}.sha256").is_file():  # a bundled model, or a copy of one
             verify_checksum(folder / "model.safetensors", "copy the folder again, or retrain it")
@@ -360,7 +360,10 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
         return [folder / "model.safetensors"]
-    files = [folder / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]
+    weight_map = read_json(index, "convert or copy the model folder again").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no weight_map; convert or copy the model folder again")
+    files = [folder / f for f in dict.fromkeys(weight_map.values())]
     for f in files:
         if not f.is_file():
             raise ValueError(f"{f} is missing (named by {index.name}); convert the checkpoint again")

@@ -217,8 +217,27 @@ REFUSALS = {
                         "(336 px) but the CLIP folder"),
     "tokenizer of another checkpoint": (lambda f: _edit_config(f, vocab_size=100),
                                         "the tokenizer has 404 tokens but config.json a vocab_size of 100"),
+    "Git LFS pointer": (lambda f: (f / "pytorch_model-00001-of-00002.bin").write_text(LFS_POINTER),
+                        "pytorch_model-00001-of-00002.bin is a Git LFS pointer, not the file itself"),
+    "tokenizer.model a pointer": (lambda f: (f / "tokenizer.model").write_text(LFS_POINTER),
+                                  "tokenizer.model is a Git LFS pointer"),
+    "random bytes": (lambda f: (f / "pytorch_model-00001-of-00002.bin").write_bytes(bytes(range(7, 250)) * 40),
+                     "is not a PyTorch checkpoint (neither torch.save's zip nor a pickle)"),
+    "truncated shard": (lambda f: _truncate(f / "pytorch_model-00001-of-00002.bin"),
+                        "pytorch_model-00001-of-00002.bin is not a readable PyTorch checkpoint"),
+    "config a list": (lambda f: (f / "config.json").write_text("[]"), "config.json is corrupt (a JSON list"),
+    "weight_map a list": (lambda f: _edit_json(f / "pytorch_model.bin.index.json", weight_map=[]),
+                          "pytorch_model.bin.index.json is not a shard index"),
     "scaled RoPE": (lambda f: _edit_config(f, rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
 }
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\noid sha256:"
+               "4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 9976634558\n")
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _edit_json(path: Path, **fields) -> None:

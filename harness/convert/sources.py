@@ -10,17 +10,17 @@ shard lacks, a pickle that needs more than tensors, a file that is not a checkpo
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from harness.files import read_json, refuse_lfs_pointer
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLES = ("model.safetensors", "pytorch_model.bin")
@@ -55,14 +55,16 @@ def find_checkpoint(folder: str | os.PathLike, what: str = "checkpoint") -> Chec
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{what} folder not found: {folder}")
+    for f in folder.iterdir():  # weights, tokenizer.model: a clone without git-lfs leaves pointers in their place
+        if f.is_file():
+            refuse_lfs_pointer(f)
     for name in INDEXES:
         path = folder / name
         if path.is_file():
-            try:
-                index = json.loads(path.read_text())["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path} is not a shard index (expected JSON with a weight_map: {err!r}); "
-                                 f"download it again") from None
+            index = read_json(path, "download it again").get("weight_map")
+            if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
+                raise ValueError(f"{path} is not a shard index (expected a weight_map of tensor name -> file); "
+                                 f"download it again")
             files = [folder / f for f in dict.fromkeys(index.values())]
             for f in files:
                 if not f.is_file():
@@ -85,16 +87,26 @@ def load_file(path: Path) -> dict[str, Tensor]:
             return load_safetensors(path)
         except SafetensorError as err:
             raise ValueError(f"{path} is not a readable safetensors file ({err}); download it again") from None
-    mmap = zipfile.is_zipfile(path)  # torch.save's zip format maps; the legacy format must be read whole
+    refuse_lfs_pointer(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    mmap = head == b"PK\x03\x04"  # torch.save's zip format maps; the legacy format (a pickle) must be read whole
+    if not mmap and head[:1] != b"\x80":  # a pickle of protocol 2 or later begins with PROTO
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip nor a pickle); download it "
+                         f"again")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the first global it refused
+        if not found and "Unsupported operand" in str(err):  # the unpickler met bytes that are no pickle opcode
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt pickle); download it "
+                             f"again") from None
         what = f"it references {found.group(1)}" if found else "the weights-only unpickler refused it"
         raise ValueError(f"{path} needs more than tensors to unpickle ({what}); segprune reads only plain "
                          f"tensor checkpoints, never arbitrary pickled code") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({err}); download it again") from None
+    except Exception as err:  # noqa: BLE001 - a damaged file fails inside torch.load in many ways; all mean the same
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); download it "
+                         f"again") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # some training scripts wrap the weights
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
