@@ -455,18 +455,14 @@ def convert_llava_cmd(src: Path, dst: Path, sam: Path | None, seg_head: Path | N
 
 
 def _convert(fn: Callable[..., Path], src: Path, dst: Path, dtype: str, **options: Any) -> None:
-    import torch
-    from tqdm import tqdm
+    from harness.convert.common import progress_bar
+    from harness.files import read_json
+    from harness.loading import parse_dtype
 
-    from harness.convert.sources import find_checkpoint
-
-    cast = None if dtype == "keep" else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    total = find_checkpoint(src).nbytes
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {src.name}", file=sys.stderr,
-              disable=None, leave=False) as bar:
-        out = fn(src, dst, dtype=cast, progress=bar.update, **options)
-    cfg = json.loads((out / "segprune.json").read_text())
-    info = json.loads((out / "convert.json").read_text())
+    with progress_bar(f"converting {src.name}") as bar:
+        out = fn(src, dst, dtype=None if dtype == "keep" else parse_dtype(dtype), progress=bar, **options)
+    cfg = read_json(out / "segprune.json", "convert again")
+    info = read_json(out / "convert.json", "convert again")
     grid = cfg["vision"]["image_size"] // cfg["vision"]["patch_size"]
     if cfg["sam"] is None:
         sam = "no SAM (a plain MLLM: FLOPs, latency, generate; no masks)"

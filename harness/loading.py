@@ -3,6 +3,7 @@ checkpoint folders (converted into the cache on first use). Above `harness.model
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from harness.archs import ARCHS
 from harness.convert.common import converted
-from harness.convert.lisa import convert_lisa, is_lisa_folder
+from harness.convert.lisa import convert_lisa, is_lisa_folder, lisa_clip
 from harness.convert.llava import convert_llava, is_llava_folder
 from harness.model import MODELS, TINY, SegModel, build_random, check_attention, check_device
 
@@ -20,8 +21,7 @@ def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str |
     """Load a model by name (`random:tiny`, `random:<arch>`), from a segprune model folder, or from a LISA checkpoint
     folder (converted into the cache on first use; see `harness.convert.lisa`)."""
     if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                 "fp16": torch.float16, "float16": torch.float16}.get(dtype) or _bad_dtype(dtype)
+        dtype = parse_dtype(dtype)
     device = check_device(device)
     check_attention(attn_implementation, device)
     name = str(name_or_path)
@@ -37,8 +37,9 @@ def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str |
         return MODELS.get(name)(device=device, dtype=dtype, attn_implementation=attn_implementation)
     path = Path(name)
     if path.is_dir():
-        if is_lisa_folder(path):  # a released LISA checkpoint: converted once into the cache
-            path = converted(path, convert_lisa)
+        if is_lisa_folder(path):  # a released LISA checkpoint: converted once into the cache, with its CLIP
+            clip = lisa_clip(path)
+            path = converted(path, functools.partial(convert_lisa, clip=clip), inputs=[clip])
         elif is_llava_folder(path):  # a transformers-layout LLaVA-1.5: a plain MLLM, converted once
             path = converted(path, convert_llava)
         return SegModel.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)
@@ -46,5 +47,11 @@ def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str |
     raise ValueError(f"unknown model {name!r}: not a registered name or a folder; available: {', '.join(known)}")
 
 
-def _bad_dtype(dtype: str) -> torch.dtype:
-    raise ValueError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose fp32, bf16 or fp16")
+    return DTYPES[name]

@@ -8,6 +8,7 @@ tokenizer (tests/data/lisa_tokenizer/make.py).
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -17,8 +18,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tqdm import tqdm
 
 from harness.cli import main
+from harness.convert.common import CONVERTER_VERSION
 from harness.convert.lisa import convert_lisa, sam_config, sam_key
 from harness.convert.tokenizer import lisa_tokenizer
 from harness.loading import load_model
@@ -280,7 +283,9 @@ def test_v0_text_hidden_fcs_in_their_own_file(fabricated, tmp_path):
         index_path.write_text(json.dumps(index))
     assert len(fcs) == 4
     torch.save(fcs, src / "pytorch_model-text_hidden_fcs.bin")
-    ours = load_model(convert_lisa(src, tmp_path / "out", clip=clip)).state_dict()
+    bar = tqdm(total=0, file=io.StringIO(), disable=False)  # the bar counts every file read, the v0 one too
+    ours = load_model(convert_lisa(src, tmp_path / "out", clip=clip, progress=bar)).state_dict()
+    assert bar.n == bar.total == sum(f.stat().st_size for f in src.glob("*.bin"))
     reference = load_model(fabricated["lisa-7b-v1"][2]).state_dict()
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
 
@@ -311,6 +316,13 @@ def test_cli_converts_and_runs_and_model_converts_on_first_use(fabricated, tmp_p
     assert [p.name.startswith("lisa-7b-v1-") for p in cached if not p.name.startswith(".")] == [True]
     second = load_model(src)
     assert first.fingerprint() == second.fingerprint() == load_model(fabricated["lisa-7b-v1"][2]).fingerprint()
+    # another CLIP (here through $SEGPRUNE_CLIP) is another model: converted again, not taken from the cache
+    other = write_clip(tmp_path / "other-clip", image_size=56, seed=5)
+    monkeypatch.setenv("SEGPRUNE_CLIP", str(other))
+    third = load_model(src)
+    assert len([p for p in (tmp_path / "cache" / "converted").iterdir() if not p.name.startswith(".")]) == 2
+    assert third.fingerprint() != first.fingerprint()
+    assert json.loads((out / "convert.json").read_text())["converter"] == CONVERTER_VERSION
 
 
 def test_two_converters_into_one_folder(fabricated, tmp_path):

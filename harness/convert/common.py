@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -16,7 +17,13 @@ from torch import Tensor
 from harness.convert.sources import Checkpoint, iter_shards, sha256
 from harness.files import usual_mode
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
 MAX_FILE_BYTES = 2 * 1024**3  # output safetensors files are cut at this size
+# Bumped whenever a converter's output changes, so that folders converted on first use are made again.
+# 2: the LLaVA tokenizer rebuilt from tokenizer.model under 4.31's rules.
+CONVERTER_VERSION = 2
 
 
 class Writer:
@@ -64,10 +71,13 @@ class Writer:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def read_weights(ckpt: Checkpoint, rename: Callable[[str], str | None], writer: Writer,
-                 progress: Callable[[int], None] | None, what: Path, family: str = "LISA") -> None:
-    """Every tensor of `ckpt`, renamed, into `writer`, one file at a time."""
+def read_weights(ckpt: Checkpoint, rename: Callable[[str], str | None], writer: Writer, progress: tqdm | None,
+                 what: Path, family: str = "LISA") -> None:
+    """Every tensor of `ckpt`, renamed, into `writer`, one file at a time; `progress` (a bar) counts their bytes."""
     unknown: list[str] = []
+    if progress is not None:
+        progress.total = (progress.total or 0) + ckpt.nbytes
+        progress.refresh()
     for path, state in iter_shards(ckpt):
         done = 0
         for key, tensor in state.items():
@@ -78,11 +88,11 @@ def read_weights(ckpt: Checkpoint, rename: Callable[[str], str | None], writer: 
                 continue
             if name is not None:
                 writer.add(name, tensor)
-            if progress:
-                progress(tensor.nbytes)
+            if progress is not None:
+                progress.update(tensor.nbytes)
                 done += tensor.nbytes
-        if progress:
-            progress(max(0, path.stat().st_size - done))  # the file's own overhead: the bar ends at its size
+        if progress is not None:
+            progress.update(max(0, path.stat().st_size - done))  # the file's own overhead: the bar ends at its size
         writer.flush()
         del state
     if unknown:
@@ -108,13 +118,16 @@ def check_against_model(got: dict[str, tuple[int, ...]], want: dict[str, tuple[i
 def manifest(fmt: str, ckpt: Checkpoint, extra_files: list[Path], writer: Writer, projector: str) -> dict:
     from importlib.metadata import version
 
+    from harness import __version__
+
     def describe(files: list[Path]) -> dict:
         return {str(f): {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in files}
 
     return {"format": fmt, "source": str(ckpt.folder.resolve()), "source_files": describe(ckpt.files),
             "other_files": describe(extra_files), "projector": projector, "tensors": len(writer.shapes),
-            "dtypes": writer.dtypes, "segprune": version("segprune"), "transformers": version("transformers"),
-            "torch": torch.__version__, "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+            "dtypes": writer.dtypes, "segprune": __version__, "converter": CONVERTER_VERSION,
+            "transformers": version("transformers"), "torch": torch.__version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 @contextlib.contextmanager
@@ -152,22 +165,31 @@ def write_folder(stage: Path, writer: Writer, config, tokenizer, manifest_: dict
     (stage / "convert.json").write_text(json.dumps(manifest_, indent=2))
 
 
-def converted(src: str | os.PathLike, convert: Callable[..., Path], *, progress: bool = True) -> Path:
-    """The segprune folder of the checkpoint folder `src` in the cache ($SEGPRUNE_CACHE/converted), made by
-    `convert(src, dst, progress=...)` on first use (one process converts, others wait for it). Keyed by the
-    source's path and its files' names, sizes and times."""
-    import hashlib
+def progress_bar(desc: str, enabled: bool = True) -> tqdm:
+    """A byte-counting bar on stderr (off when stderr is no terminal); `read_weights` sets its total."""
     import sys
 
     from tqdm import tqdm
 
-    from harness.convert.sources import find_checkpoint
+    return tqdm(total=0, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=None if enabled else True,
+                leave=False)
+
+
+def converted(src: str | os.PathLike, convert: Callable[..., Path], *, inputs: list[Path] = (),
+              progress: bool = True) -> Path:
+    """The segprune folder of the checkpoint folder `src` in the cache ($SEGPRUNE_CACHE/converted), made by
+    `convert(src, dst, progress=bar)` on first use (one process converts, others wait for it). Keyed by the converter
+    version and the names, sizes and times of the files of `src` and of the other `inputs` folders (LISA's CLIP)."""
+    import hashlib
+
     from harness.datasets.shapes import cache_dir
     from harness.files import exclusive
 
     src = Path(src).resolve()
-    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(src.iterdir()) if f.is_file()]
-    key = hashlib.sha256(json.dumps([str(src), stamp]).encode()).hexdigest()[:12]
+    stamps = [[str(folder), [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                             for f in sorted(folder.iterdir()) if f.is_file()]]
+              for folder in (src, *(Path(i).resolve() for i in inputs))]
+    key = hashlib.sha256(json.dumps([CONVERTER_VERSION, stamps]).encode()).hexdigest()[:12]
     root = cache_dir() / "converted"
     dst = root / f"{src.name}-{key}"
     if (dst / "segprune.json").is_file():
@@ -175,8 +197,6 @@ def converted(src: str | os.PathLike, convert: Callable[..., Path], *, progress:
     root.mkdir(parents=True, exist_ok=True)
     with exclusive(root / f".{dst.name}.first-use.lock", wait=True):  # later callers wait, then load
         if not (dst / "segprune.json").is_file():
-            total = find_checkpoint(src).nbytes
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {src.name} (once)", file=sys.stderr,
-                      disable=None if progress else True, leave=False) as bar:
-                convert(src, dst, progress=bar.update)
+            with progress_bar(f"converting {src.name} (once)", progress) as bar:
+                convert(src, dst, progress=bar)
     return dst

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +30,9 @@ from harness.convert.common import Writer, check_against_model, manifest, read_w
 from harness.convert.sources import Checkpoint, find_checkpoint
 from harness.convert.tokenizer import lisa_tokenizer
 from harness.files import read_json
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # transformers' own SAM conversion (models/sam/convert_sam_to_hf.py): substring renames, applied in this order
 SAM_RENAMES = (
@@ -187,6 +190,16 @@ def clip_config(folder: Path) -> dict:
     return {k: full[k] for k in CLIP_FIELDS}
 
 
+def clip_tower(config: dict) -> str:
+    """The CLIP a LISA config names (a hub id, or the path it was trained from)."""
+    return config.get("mm_vision_tower") or config.get("vision_tower") or "openai/clip-vit-large-patch14"
+
+
+def lisa_clip(src: Path) -> Path:
+    """The CLIP folder `convert_lisa(src, ...)` would use by default (see `find_clip`)."""
+    return find_clip(clip_tower(read_json(src / "config.json", "download it again")), None)
+
+
 def find_clip(tower: str, clip: str | os.PathLike | None) -> Path:
     """The CLIP folder: `clip` if given, else $SEGPRUNE_CLIP, else `tower` as a local path, else its snapshot in the
     Hugging Face cache (where LISA's own code put it). Never downloads."""
@@ -202,7 +215,7 @@ def find_clip(tower: str, clip: str | os.PathLike | None) -> Path:
         return Path(snapshot_download(tower, local_files_only=True))
     except (LocalEntryNotFoundError, ValueError, OSError):
         raise ValueError(f"LISA checkpoints carry no CLIP weights and {tower} is not in the local Hugging Face cache; "
-                         f"download it once (huggingface-cli download {tower}) or pass --clip DIR") from None
+                         f"download it once (hf download {tower}) or pass --clip DIR") from None
 
 
 # -- conversion ----------------------------------------------------------------------------------------------------
@@ -222,14 +235,14 @@ def refuse_unsupported(keys: list[str] | None, config: dict, src: Path) -> None:
 
 
 def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | os.PathLike | None = None,
-                 dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None) -> Path:
+                 dtype: torch.dtype | None = None, progress: tqdm | None = None) -> Path:
     """Convert the LISA checkpoint folder `src` into the segprune model folder `dst` (written whole, or not at all).
 
     Args:
         clip: a local openai/clip-vit-large-patch14 (or -336) folder; default: the config's vision tower from the
             Hugging Face cache.
         dtype: cast floating tensors to this dtype (default: keep each as stored, bf16 LLM and fp32 SAM for LISA).
-        progress: called with the bytes converted so far, per tensor (totalling the source files' sizes).
+        progress: a bar (`harness.convert.common.progress_bar`) counting the source files' bytes.
     """
     from harness.model import SegModel, SegModelConfig
 
@@ -249,7 +262,7 @@ def convert_lisa(src: str | os.PathLike, dst: str | os.PathLike, *, clip: str | 
     if (v0 := src / "pytorch_model-text_hidden_fcs.bin").is_file() and v0 not in files:
         files.append(v0)  # LISA-13B-llama2-v0 keeps text_hidden_fcs in a file of its own, outside the index
     llm = llm_config(config)
-    tower = config.get("mm_vision_tower") or config.get("vision_tower") or "openai/clip-vit-large-patch14"
+    tower = clip_tower(config)
     clip_dir = find_clip(tower, clip)
     vision = clip_config(clip_dir)
     clip_ckpt = find_checkpoint(clip_dir, "CLIP")

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +31,9 @@ from harness.convert.lisa import CLIP_FIELDS, checked_sam_config, llm_config, sa
 from harness.convert.sources import Checkpoint, find_checkpoint
 from harness.convert.tokenizer import llava_tokenizer
 from harness.files import read_json
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def llava_key(key: str) -> str | None:
@@ -96,14 +99,14 @@ def configs(config: dict, src: Path) -> tuple[dict, dict]:
 
 def convert_llava(src: str | os.PathLike, dst: str | os.PathLike, *, sam: str | os.PathLike | None = None,
                   seg_head: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-                  progress: Callable[[int], None] | None = None) -> Path:
+                  progress: tqdm | None = None) -> Path:
     """Convert the transformers-layout LLaVA-1.5 folder `src` into the segprune model folder `dst`.
 
     Args:
         sam: an original SAM checkpoint file; with `seg_head`, the result is a segmentation model.
         seg_head: a file with LISA's `text_hidden_fcs.0.{0,2}.*` (or `model.text_hidden_fcs...`) tensors.
         dtype: cast floating tensors (default: as stored).
-        progress: called with bytes converted, per tensor.
+        progress: a bar (`harness.convert.common.progress_bar`) counting the source files' bytes.
     """
     from harness.model import SegModel, SegModelConfig
 
