@@ -39,6 +39,7 @@ from transformers import (
     SamVisionConfig,
 )
 
+from harness.convert.sources import find_checkpoint, load_file
 from harness.files import read_json, usual_mode
 from harness.method import ModelInfo
 from harness.registry import Registry
@@ -308,8 +309,8 @@ class SegModel(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, tok, attn_implementation)
         state = {}
-        for path in weight_files(folder):
-            for k, v in load_safetensors(path, device).items():
+        for path in find_checkpoint(folder, "model folder").files:
+            for k, v in load_file(path, device).items():
                 state[k] = v.to(dtype) if v.is_floating_point() else v
         groups: dict[int, list[str]] = {}
         for k, v in model.state_dict(keep_vars=True).items():
@@ -353,33 +354,6 @@ class SegModel(nn.Module):
                 seen.add(id(v))
                 shapes[k] = tuple(v.shape)
         return shapes
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """`model.safetensors`, or the shards its index names (one-line error for a missing one)."""
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return [folder / "model.safetensors"]
-    weight_map = read_json(index, "convert or copy the model folder again").get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index} has no weight_map; convert or copy the model folder again")
-    files = [folder / f for f in dict.fromkeys(weight_map.values())]
-    for f in files:
-        if not f.is_file():
-            raise ValueError(f"{f} is missing (named by {index.name}); convert the checkpoint again")
-    return files
-
-
-def load_safetensors(path: Path, device: str) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ValueError(f"{path} is missing; the model folder is incomplete")
-    try:
-        return load_file(path, device=device)
-    except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); convert or copy it again") from None
 
 
 @dataclass

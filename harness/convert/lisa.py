@@ -88,10 +88,14 @@ def map_key(key: str) -> str | None:
     if key.startswith(("model.text_hidden_fcs.", "text_hidden_fcs.")):  # the second: LISA-13B-llama2-v0's own file
         return key.removeprefix("model.")
     if key.startswith("model.visual_model."):
-        name = "sam." + sam_key(key[len("model.visual_model."):])
-        # SamModel ties the prompt encoder's Fourier matrix to `shared_image_embedding`, stored under that name
-        return name.replace("sam.prompt_encoder.shared_embedding.", "sam.shared_image_embedding.")
+        return sam_model_key(key[len("model.visual_model."):])
     raise KeyError(key)
+
+
+def sam_model_key(key: str) -> str:
+    """Our name (under `sam.`) for a segment_anything key."""
+    # SamModel ties the prompt encoder's Fourier matrix to `shared_image_embedding`, stored under that name
+    return ("sam." + sam_key(key)).replace("sam.prompt_encoder.shared_embedding.", "sam.shared_image_embedding.")
 
 
 def clip_key(key: str) -> str | None:
@@ -184,6 +188,11 @@ def clip_config(folder: Path) -> dict:
     vision = cfg.get("vision_config", cfg) if cfg.get("model_type") == "clip" else cfg
     if vision.get("model_type", "clip_vision_model") != "clip_vision_model" or "hidden_size" not in vision:
         raise ValueError(f"{path} is not a CLIP config (model_type {cfg.get('model_type')!r})")
+    return clip_fields(vision)
+
+
+def clip_fields(vision: dict) -> dict:
+    """Our CLIP fields from a CLIPVisionConfig dict, transformers' defaults for the ones it leaves out."""
     from transformers import CLIPVisionConfig
 
     full = CLIPVisionConfig(**{k: v for k, v in vision.items() if k in CLIP_FIELDS}).to_dict()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from harness.convert.common import Writer, check_against_model, manifest, read_weights, staged, write_folder
-from harness.convert.lisa import CLIP_FIELDS, checked_sam_config, llm_config, sam_key
+from harness.convert.lisa import checked_sam_config, clip_fields, llm_config, sam_model_key
 from harness.convert.sources import Checkpoint, find_checkpoint
 from harness.convert.tokenizer import llava_tokenizer
 from harness.files import read_json
@@ -57,7 +57,7 @@ def sam_original_key(key: str) -> str:
     """Our name for a key of an original SAM checkpoint (segment_anything's names)."""
     if not key.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")):
         raise KeyError(key)
-    return ("sam." + sam_key(key)).replace("sam.prompt_encoder.shared_embedding.", "sam.shared_image_embedding.")
+    return sam_model_key(key)
 
 
 def seg_head_key(key: str) -> str:
@@ -69,7 +69,7 @@ def seg_head_key(key: str) -> str:
 
 def configs(config: dict, src: Path) -> tuple[dict, dict]:
     """(LlamaConfig fields, CLIPVisionConfig fields) from a LlavaConfig dict, with transformers' defaults."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     if config.get("model_type") != "llava":
         raise ValueError(f"{src}/config.json has model_type {config.get('model_type')!r}; `convert llava` reads "
@@ -93,8 +93,7 @@ def configs(config: dict, src: Path) -> tuple[dict, dict]:
     rope = text.get("rope_theta") or (text.get("rope_parameters") or {}).get("rope_theta") or 10000.0
     llm = llm_config({**llm, "rope_theta": rope, "rope_scaling": text.get("rope_scaling"),
                       "num_key_value_heads": text.get("num_key_value_heads") or llm["num_attention_heads"]})
-    full = CLIPVisionConfig(**{k: v for k, v in vision.items() if k in CLIP_FIELDS}).to_dict()
-    return llm, {k: full[k] for k in CLIP_FIELDS}
+    return llm, clip_fields(vision)
 
 
 def convert_llava(src: str | os.PathLike, dst: str | os.PathLike, *, sam: str | os.PathLike | None = None,

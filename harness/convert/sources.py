@@ -77,14 +77,14 @@ def find_checkpoint(folder: str | os.PathLike, what: str = "checkpoint") -> Chec
                      f"{' / '.join(INDEXES)})")
 
 
-def load_file(path: Path) -> dict[str, Tensor]:
-    """All tensors of one weights file, on the CPU; a `.bin` through the weights-only unpickler, memory-mapped."""
+def load_file(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    """All tensors of one weights file, on `device`; a `.bin` through the weights-only unpickler, memory-mapped."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
 
         try:
-            return load_safetensors(path)
+            return load_safetensors(path, device=device)
         except SafetensorError as err:
             raise ValueError(f"{path} is not a readable safetensors file ({err}); download it again") from None
     refuse_lfs_pointer(path)
@@ -95,7 +95,7 @@ def load_file(path: Path) -> dict[str, Tensor]:
         raise ValueError(f"{path} is not a PyTorch checkpoint (neither torch.save's zip nor a pickle); download it "
                          f"again")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the first global it refused
         if not found and "Unsupported operand" in str(err):  # the unpickler met bytes that are no pickle opcode
