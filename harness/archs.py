@@ -36,5 +36,7 @@ ARCHS: dict[str, dict] = {
     "llava-1.5-7b-336": {**_lisa(LLAMA_7B, 336, "mlp2x_gelu"), "sam": None},
     "llava-1.5-13b-224": {**_lisa(LLAMA2_13B, 224, "mlp2x_gelu"), "sam": None},
     "llava-1.5-13b-336": {**_lisa(LLAMA2_13B, 336, "mlp2x_gelu"), "sam": None},
-    "psalm-phi-1.5": dict(vision=None, llm=PHI_1_5, sam=None, projector=None, seg_out_dim=None),
+    # Token Routing's Table 4: N = 450 tokens, 256 of them image tokens and 100 mask queries (the answer)
+    "psalm-phi-1.5": dict(vision=None, llm=PHI_1_5, sam=None, projector=None, seg_out_dim=None,
+                          tokens=dict(text=194, answer=100, image=256)),
 }

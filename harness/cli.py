@@ -313,11 +313,12 @@ def methods(as_json) -> None:
 @click.argument("arch", required=False)
 @click.option("--model", default=None, help="use a loadable model's architecture instead of a named one")
 @click.option("--text-tokens", type=int, default=None,
-              help="non-image tokens (system prompt, query, answer); default 62 for named architectures (it "
-                   "reproduces LVLM_CSP Table 6), the LISA prompt's length for --model")
-@click.option("--method", default=None, help="a method whose token schedule does not depend on the input")
+              help="non-image tokens (system prompt, query, answer); default: the paper's own count where the "
+                   "architecture has one (psalm-phi-1.5: 194, 100 of them mask queries), else 62 (it reproduces "
+                   "LVLM_CSP Table 6), the LISA prompt's length for --model")
+@click.option("--method", default=None, help="a method whose work per layer does not depend on the input")
 @click.option("--schedule", default=None, help="image tokens per LLM layer, e.g. '256x2,128x30'")
-@click.option("--image-tokens", type=int, default=None, help="image tokens in every layer (e.g. PSALM: N)")
+@click.option("--image-tokens", type=int, default=None, help="image tokens in every layer (e.g. PSALM: 256)")
 @friendly
 def flops(arch, model, text_tokens, method, schedule, image_tokens) -> None:
     """Analytic FLOPs of a named architecture (no weights needed), per component and convention."""
@@ -327,45 +328,54 @@ def flops(arch, model, text_tokens, method, schedule, image_tokens) -> None:
     from harness.flops import COMPONENTS, CONVENTIONS, Arch, compute_flops, schedule_ledger
     from harness.method import ModelInfo, create_method
 
+    answer = 3  # LISA's answer "[SEG].</s>"
     if model:
         from harness.loading import load_model
 
         loaded = load_model(model)
         a = Arch.from_model(loaded)
+        pre, post = loaded.prompt_ids("the object")
+        answer = len(post) - post.index(loaded.seg_token_id)
         if text_tokens is None:
-            text_tokens = sum(len(p) for p in loaded.prompt_ids("the object"))
+            text_tokens = len(pre) + len(post)
     elif arch:
         a = Arch.named(arch)
     else:
         raise ValueError(f"name an architecture ({', '.join(ARCHS)}) or pass --model")
-    text_tokens = 62 if text_tokens is None else text_tokens
+    paper = a.tokens or {}
+    answer = paper.get("answer", answer)
+    text_tokens = paper.get("text", 62) if text_tokens is None else text_tokens
+    if image_tokens is None:
+        image_tokens = a.n_image_tokens if a.vision is not None else paper.get("image", 0)
     n_layers = a.llm["num_hidden_layers"]
-    n_img = image_tokens if image_tokens is not None else (a.n_image_tokens if a.vision is not None else 0)
-    sched = [n_img] * n_layers
+    records = None
+    sched = [image_tokens] * n_layers
     if schedule:
         sched = _parse_schedule(schedule)
     elif method:
         d, h, kv, hd, inter, _ = a.llm_dims
-        info = ModelInfo(n_layers=n_layers, n_image_tokens=n_img, grid=(int(n_img**0.5),) * 2, hidden_size=d,
-                         n_heads=h, n_kv_heads=kv, head_dim=hd, intermediate_size=inter,
-                         vision_layers=a.vision_layers_run, vision_hidden_size=(a.vision or {}).get("hidden_size", 0))
+        info = ModelInfo(n_layers=n_layers, n_image_tokens=image_tokens, grid=(int(image_tokens**0.5),) * 2,
+                         hidden_size=d, n_heads=h, n_kv_heads=kv, head_dim=hd, intermediate_size=inter,
+                         vision_layers=a.vision_layers_run,
+                         vision_hidden_size=(a.vision or {}).get("hidden_size", 0), weights=bool(model))
         m = create_method(method, info=info)  # "fastv@75%" resolves against this architecture
         m.bind(info)
         click.echo(f"method: {m.spec()}")
-        sched = m.image_schedule(info)
-        if sched is None and hasattr(m, "nominal_schedule"):
+        records = m.layer_records(info, text_tokens, answer)
+        if records is None and hasattr(m, "nominal_schedule"):
             sched = m.nominal_schedule(info)
             click.echo("note: the nominal schedule (eq. 9, as LVLM_CSP's Table 6 prints it); the realised count "
                        "depends on each image: run it on a model for measured FLOPs")
-        if sched is None:
+        elif records is None:
             raise ValueError(f"{m.name} chooses its token count per input; run it on a model to get its FLOPs")
-    ledger = schedule_ledger(a, text_tokens, sched, vision_tokens=a.n_image_tokens if a.vision else None)
+    ledger = schedule_ledger(a, text_tokens, sched, vision_tokens=a.n_image_tokens if a.vision else None,
+                             records=records)
     rows = []
     for conv in CONVENTIONS:
         f = compute_flops(a, ledger, conv)
         rows.append([conv] + [f"{f[c] / 1e9:,.2f}" for c in (*COMPONENTS, "total")])
-    click.echo(f"{a.name}: {n_layers} LLM layers, {text_tokens} text tokens, "
-               f"N_avg {sum(sched) / len(sched):.1f} image tokens per layer (GFLOPs)")
+    click.echo(f"{a.name}: {n_layers} LLM layers, {text_tokens} text tokens ({answer} of them the answer), "
+               f"N_avg {ledger.n_avg:.1f} image tokens per layer (GFLOPs)")
     click.echo(tabulate(rows, headers=["convention", *COMPONENTS, "total"], stralign="right", disable_numparse=True))
 
 

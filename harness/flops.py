@@ -10,7 +10,9 @@
   fits 45 text tokens alone, so no single text length fits the whole block: an inconsistency of the paper's, which
   the tests pin rather than fit.
 - `routing`: Token Routing (AAAI'26) sec. 4.4, sum over layers of 24ND^2 + 4N^2D (QKV 6ND^2, attention 4N^2D,
-  output 2ND^2, FFN 16ND^2); reproduces its Table 4 (PSALM/Phi-1.5, N=450: 1126.98 GFLOPs).
+  output 2ND^2, FFN 16ND^2), with the FFN term 16 N_ffn D^2 + 4 (N_img - N_s) D (d_p + d_g) for the tokens its
+  proxy-guided routing sends through the light path; reproduces its Table 4 (PSALM/Phi-1.5, N=450: baseline
+  1126.98, mask routing 998.32, image routing 758.75, both 630.09 GFLOPs).
 
 The conventions differ only in how the LLM is counted; the other components are always `exact`. In `generate` mode
 the LLM also counts each decode step (one query row per layer against that layer's KV cache) and, in `exact`, the
@@ -43,6 +45,7 @@ class Arch:
     projector: str | None
     seg_out_dim: int | None
     vision_layers_run: int
+    tokens: dict | None = None  # a paper's own token counts {text, answer, image} (`segprune flops` defaults)
 
     @classmethod
     def from_config(cls, name: str, cfg: dict[str, Any], vision_feature_layer: int = -2) -> Arch:
@@ -52,7 +55,7 @@ class Arch:
             run = vision_feature_layer if vision_feature_layer > 0 else \
                 v["num_hidden_layers"] + 1 + vision_feature_layer
         return cls(name=name, vision=v, llm=cfg["llm"], sam=cfg.get("sam"), projector=cfg.get("projector"),
-                   seg_out_dim=cfg.get("seg_out_dim"), vision_layers_run=run)
+                   seg_out_dim=cfg.get("seg_out_dim"), vision_layers_run=run, tokens=cfg.get("tokens"))
 
     @classmethod
     def named(cls, name: str) -> Arch:
@@ -182,8 +185,9 @@ def llm_flops(arch: Arch, layers: list[LayerRecord], convention: str = "exact") 
             total += 2 * llm_layer_macs(arch, r)
         elif convention == "csp":  # LVLM_CSP eq. 11 (x2, see module docstring)
             total += 2 * (4 * r.n * d * d + 2 * r.n * kv * d + mats * r.n_ffn * d * m + light)  # mats = 3 (LLaMA)
-        elif convention == "routing":  # Token Routing: 6ND^2 + 4N^2D + 2ND^2 + 16ND^2
-            total += 8 * r.n * d * d + 4 * r.n * kv * d + 16 * r.n_ffn * d * d + 2 * light
+        elif convention == "routing":  # Token Routing: 6ND^2 + 4N^2D + 2ND^2 + 16ND^2, routed 4ND(d_p + d_g)
+            routed = 4 * r.routed * d * r.routed_dims if r.routed else 2 * light
+            total += 8 * r.n * d * d + 4 * r.n * kv * d + 16 * r.n_ffn * d * d + routed
         else:
             raise ValueError(f"unknown FLOPs convention {convention!r}; choose one of {', '.join(CONVENTIONS)}")
     return total
@@ -217,14 +221,18 @@ def compute_flops(arch: Arch, ledger: Ledger, convention: str = "exact") -> dict
 
 
 def schedule_ledger(arch: Arch, text_tokens: int, image_per_layer: list[int] | None = None,
-                    vision_tokens: int | None = None) -> Ledger:
-    """A ledger for an architecture without weights: `text_tokens` plus a per-layer image-token schedule."""
+                    vision_tokens: int | None = None, records: list[LayerRecord] | None = None) -> Ledger:
+    """A ledger for an architecture without weights: `text_tokens` plus a per-layer image-token schedule, or the
+    layer `records` a method plans (`Method.layer_records`)."""
     n_layers = arch.llm["num_hidden_layers"]
     n_img = arch.n_image_tokens if arch.vision is not None else 0
-    sched = list(image_per_layer) if image_per_layer is not None else [n_img] * n_layers
+    if records is None:
+        sched = list(image_per_layer) if image_per_layer is not None else [n_img] * n_layers
+        records = [LayerRecord(n=text_tokens + k, n_image=k, n_ffn=text_tokens + k) for k in sched]
+    sched = [r.n_image for r in records]
     if len(sched) != n_layers:
         raise ValueError(f"schedule has {len(sched)} layers but {arch.name} has {n_layers}")
-    led = Ledger(layers=[LayerRecord(n=text_tokens + k, n_image=k, n_ffn=text_tokens + k) for k in sched])
+    led = Ledger(layers=list(records))
     if arch.vision is not None:
         led.vision_tokens = (vision_tokens or n_img) + 1
         led.vision_layers = arch.vision_layers_run

@@ -25,6 +25,9 @@ class LayerRecord:
             code <= -2 for a merged token, whose patches and weights are `Ledger.members[code]`.
         kv: keys each of the `n` queries attends to, for a decode step against the KV cache (None: the layer's own
             `n` tokens, causal, counted over the full n x n matrix).
+        routed: tokens a proxy-guided FFN (Token Routing) updated through its light path, and `routed_dims` that
+            path's d_p + d_g: what Token Routing's own FLOPs formula counts for them, 4 routed D (d_p + d_g) (the
+            `routing` convention; `light` holds the exact matmuls).
     """
 
     n: int
@@ -33,6 +36,8 @@ class LayerRecord:
     light: list[tuple[int, int, int]] = field(default_factory=list)
     patches: list[int] = field(default_factory=list)
     kv: int | None = None
+    routed: int = 0
+    routed_dims: int = 0
 
 
 @dataclass

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 
+from harness.ledger import LayerRecord
 from harness.registry import Registry
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class ModelInfo:
     intermediate_size: int
     vision_layers: int
     vision_hidden_size: int
+    weights: bool = True  # False for a named architecture costed without weights (`segprune flops ARCH`)
 
 
 class Method:
@@ -105,6 +107,18 @@ class Method:
     def image_schedule(self, info: ModelInfo) -> list[int] | None:
         """Image tokens per LLM layer if they do not depend on the input (for analytic FLOPs), else None."""
         return None
+
+    def layer_records(self, info: ModelInfo, text: int, answer: int) -> list[LayerRecord] | None:
+        """The work of every LLM layer for analytic FLOPs, if it does not depend on the input, else None.
+
+        Args:
+            text: non-image tokens of the sequence, the answer included.
+            answer: how many of them are the answer (LISA's "[SEG].</s>"; PSALM's mask queries).
+
+        Default: every text token in every layer, `image_schedule`'s image tokens, everything through the stock FFN.
+        """
+        sched = self.image_schedule(info)
+        return None if sched is None else [LayerRecord(n=text + k, n_image=k, n_ffn=text + k) for k in sched]
 
     @classmethod
     def for_budget(cls, info: ModelInfo, n_avg: float, **fixed: Any) -> Method:
