@@ -1,3 +1,13 @@
 """Built-in reduction methods. Importing this package registers them in `harness.method.METHODS`."""
 
-from harness.methods import controls, csp, fastv, feather, pdrop, prumerge, sparsevlm, visionzip  # noqa: F401
+from harness.methods import (  # noqa: F401
+    controls,
+    csp,
+    fastv,
+    feather,
+    pdrop,
+    prumerge,
+    routing,
+    sparsevlm,
+    visionzip,
+)

@@ -1,0 +1,221 @@
+"""Token Routing: late mask-token insertion and proxy-guided image-token FFN routing.
+
+"Efficient Segmentation with MLLM via Token Routing", AAAI 2026 (no public code; the paper's eq. 7-12 are the
+specification). Unlike pruning, every image token stays in every layer; what changes is how much computation tokens
+get:
+
+- **Mask routing** (eq. 7-8): the tokens that carry the mask are held back from layers 0..L_mask-1 and enter layer
+  L_mask with their input embeddings.
+- **Proxy-guided image routing** (eq. 9-12): per layer, N_s image tokens drawn at random (the proxies) take the full
+  FFN; every other image token i gets g_i * sum_j alpha_ij dv_j, where dv_j = phi(FFN(v_j) - v_j) is proxy j's FFN
+  update and alpha_i = softmax_j(<q_i, k_j> / sqrt(d_p)) compares token i with the proxies; all non-image tokens take
+  the full FFN.
+
+The paper trains the whole model with routing and learns W_q, W_k (d_p = 128) and the gate MLP (d_g = 512). A frozen
+LISA has neither, so this is the training-free variant: alpha from a fixed projection and a constant gate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from harness.engine import Context
+from harness.ledger import LayerRecord
+from harness.method import Method, ModelInfo, register
+from harness.state import Kind, TokenState
+
+PAPER_LAYERS, PAPER_MASK_SKIP = 24, 12  # Table 4: the mask queries skip 12 of Phi-1.5's 24 layers
+PAPER_IMAGE, PAPER_PROXIES = 256, 8  # N_s = 8 proxies for 256 image tokens
+
+
+@register("routing")
+class TokenRouting(Method):
+    """Token Routing, training-free: late mask-token insertion and proxy-guided image-token FFN routing.
+
+    Which tokens are LISA's mask tokens: LISA's template answer is "[SEG].</s>" and the mask embedding is the final
+    hidden state of the token *before* [SEG] (":" of "ASSISTANT:"), the row whose next-token prediction is [SEG].
+    `mask_tokens="answer"` holds back [SEG] and what follows it (the answer tokens after "ASSISTANT:"): under causal
+    attention no earlier row sees them, so the mask is unchanged by construction and the saving is exact but small
+    (three tokens). `mask_tokens="carrier"` also holds back the token before [SEG], the one whose output LISA decodes:
+    this is the analogue of PSALM's mask queries (the tokens whose outputs feed the mask decoder) and the setting that
+    tests the paper's claim that mask tokens need no early layers. In generate mode's prefill there is no answer yet,
+    so "answer" holds nothing and "carrier" holds the prompt's last token.
+
+    Budget mapping: none yet (give `proxies` and `mask_layer`).
+
+    Args:
+        mask_layer: L_mask, the first decoder layer (0-based) the mask tokens run in; they skip layers 0..L_mask-1 and
+            enter with their input embeddings. 0 turns mask routing off. Default: half the model's layers, the
+            paper's 12 skipped of 24 (Table 4).
+        mask_tokens: "answer" ([SEG] and the answer tokens after it) or "carrier" (also the token before [SEG], whose
+            final state is LISA's mask embedding).
+        image: "proxy" (eq. 9-12), "skip" (Table 5's w/o FFN: image tokens other than the proxies get no FFN update)
+            or "full" (every token takes the full FFN: no image routing).
+        proxies: N_s, the image tokens per layer that take the full FFN, drawn at random per layer; default 8 per 256
+            image tokens (the paper's 8 of 256), at least 1. As many as the image tokens turns image routing off.
+        alpha: the fixed similarity of eq. 10: "random" (a seeded Gaussian projection to d_p dimensions, shared by
+            queries and keys) or "attn" (the layer's own attention q/k projections without RoPE, per-head softmax,
+            averaged over heads).
+        d_p: width of the random projection (the paper's d_p).
+        gate: the constant that replaces eq. 12's gate sigma(MLP(v)); 1 is Table 5's "w/o gate".
+        gate_width: d_g, the width of a learned gate MLP (the paper's 512); for analytic FLOPs of the paper's design
+            on a named architecture only (a learned gate needs weights this variant does not have).
+        seed: seed of the proxy draws (per sample and layer) and of the random projection.
+    """
+
+    stage = "in-llm"
+    position_policy = "original"
+    citation = "Efficient Segmentation with MLLM via Token Routing, AAAI 2026 (no public code)"
+    keep_all = {"mask_layer": 0, "image": "full"}
+    exact_reference = False  # changes the FFN of image tokens: checked against a plain-torch eq. 9-12 instead
+    deviations = ("training-free: alpha from a fixed projection (alpha=random: a seeded Gaussian projection, "
+                  "alpha=attn: the layer's own q/k) instead of learned W_q, W_k, and a constant gate instead of "
+                  "sigma(MLP(v)); phi in eq. 9 is the identity (the paper does not define it); the model was not "
+                  "trained with routing (the paper trains the whole LLM with it); LISA's mask tokens are its answer "
+                  "tokens (mask_tokens=answer) or the [SEG]-predicting token too (carrier), see the docstring")
+
+    def __init__(self, mask_layer: int | None = None, mask_tokens: Literal["answer", "carrier"] = "answer",
+                 image: Literal["proxy", "skip", "full"] = "proxy", proxies: int | None = None,
+                 alpha: Literal["random", "attn"] = "random", d_p: int = 128, gate: float = 1.0,
+                 gate_width: int = 0, seed: int = 0):
+        if mask_layer is not None and mask_layer < 0:
+            raise ValueError(f"routing: mask_layer must be >= 0 (0: no mask routing), got {mask_layer}")
+        if proxies is not None and proxies < 1:
+            raise ValueError(f"routing: proxies must be >= 1, got {proxies}")
+        if d_p < 1:
+            raise ValueError(f"routing: d_p must be >= 1, got {d_p}")
+        if not 0.0 <= gate <= 1.0:
+            raise ValueError(f"routing: gate is a sigmoid's value and must be in [0, 1], got {gate}")
+        if gate_width < 0:
+            raise ValueError(f"routing: gate_width must be >= 0, got {gate_width}")
+        self.mask_layer, self.mask_tokens, self.image, self.proxies = mask_layer, mask_tokens, image, proxies
+        self.alpha, self.d_p, self.gate, self.gate_width, self.seed = alpha, d_p, gate, gate_width, seed
+        self._l_mask = 0
+        self._projections: dict[tuple, Tensor] = {}
+
+    def bind(self, info: ModelInfo) -> None:
+        self._l_mask = self.resolved_mask_layer(info)
+        if self._l_mask >= info.n_layers:
+            raise ValueError(f"routing: mask_layer={self._l_mask} is beyond the model's {info.n_layers} layers; use "
+                             f"0..{info.n_layers - 1}")
+        if self.gate_width and info.weights:
+            raise ValueError("routing: gate_width is the learned gate MLP of the paper's trained model; this "
+                             "training-free variant has a constant gate (drop gate_width, or use it with "
+                             "`segprune flops ARCH` for the paper's analytic FLOPs)")
+
+    def resolved_mask_layer(self, info: ModelInfo) -> int:
+        if self.mask_layer is not None:
+            return self.mask_layer
+        return round(PAPER_MASK_SKIP * info.n_layers / PAPER_LAYERS)
+
+    def n_proxies(self, n_image: int) -> int:
+        """N_s for `n_image` image tokens (all of them when N_s >= n_image: no routing)."""
+        n_s = self.proxies if self.proxies is not None else max(1, round(PAPER_PROXIES * n_image / PAPER_IMAGE))
+        return min(n_s, n_image)
+
+    # -- mask routing (eq. 7-8) ---------------------------------------------------------------------------------
+    def mask_rows(self, state: TokenState) -> Tensor:
+        rows = ((state.kind == Kind.SEG) | (state.kind == Kind.ANSWER)).nonzero().squeeze(1)
+        if self.mask_tokens == "carrier":  # the row that predicts [SEG] (generate's prefill: the last prompt row)
+            rows = torch.cat([rows, torch.tensor([state.last_prompt_row], device=rows.device)])
+        return rows
+
+    def on_sequence(self, state: TokenState, ctx: Context) -> TokenState:
+        rows = self.mask_rows(state) if self._l_mask else None
+        return state if rows is None or rows.numel() == 0 else state.hold("mask", rows)
+
+    def before_layer(self, i: int, state: TokenState, ctx: Context) -> TokenState:
+        if i == self._l_mask and "mask" in state.held:
+            return state.release("mask")  # with their input embeddings (eq. 8)
+        return state
+
+    # -- proxy-guided image routing (eq. 9-12) ------------------------------------------------------------------
+    def ffn(self, i: int, mlp: nn.Module, x: Tensor, state: TokenState, ctx: Context) -> Tensor:
+        img = state.image_rows
+        n_s = self.n_proxies(len(img))
+        if self.image == "full" or n_s >= len(img):
+            return mlp(x)
+        proxies, rest = self.draw(img, n_s, ctx)
+        full = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+        full[rest] = False
+        rows = full.nonzero().squeeze(1)
+        out = torch.zeros_like(x)
+        out[:, rows] = mlp(x[:, rows])  # eq. 9: the proxies' FFN update FFN(v) - v (phi: identity)
+        ctx.record.n_ffn = len(rows)
+        if self.image == "skip":
+            return out
+        weights = self.alpha_weights(i, x, state.hidden, proxies, rest, ctx)  # (r, s) fp32, eq. 10
+        out[0, rest] = self.gate * (weights.to(x.dtype) @ out[0, proxies])  # eq. 11-12, constant gate
+        ctx.record.light += self.light_matmuls(len(rest), n_s, ctx.info)
+        ctx.record.routed, ctx.record.routed_dims = len(rest), self.path_dims(ctx.info)
+        return out
+
+    def draw(self, img: Tensor, n_s: int, ctx: Context) -> tuple[Tensor, Tensor]:
+        """(proxies, the other image rows), both sorted: `n_s` of the image rows `img` drawn at random."""
+        order = torch.randperm(len(img), generator=ctx.rng).to(img.device)
+        return img[order[:n_s]].sort().values, img[order[n_s:]].sort().values
+
+    def alpha_weights(self, i: int, x: Tensor, hidden: Tensor, proxies: Tensor, rest: Tensor,
+                      ctx: Context) -> Tensor:
+        """alpha (r, s): softmax over the proxies of the scaled similarity of each routed token with each proxy."""
+        if self.alpha == "random":
+            w = self.projection(x.shape[-1], x.device)
+            q, k = x[0, rest].float() @ w, x[0, proxies].float() @ w
+            return (q @ k.T / math.sqrt(self.d_p)).softmax(-1)
+        layer = ctx.model.language_model.layers[i]
+        attn = layer.self_attn
+        z = layer.input_layernorm(hidden)  # what this layer's q/k projections were trained on
+        hd = attn.head_dim
+        q = attn.q_proj(z[:, rest]).view(1, len(rest), -1, hd).transpose(1, 2)  # (1, Hq, r, hd)
+        k = repeat_kv(attn.k_proj(z[:, proxies]).view(1, len(proxies), -1, hd).transpose(1, 2),
+                      attn.num_key_value_groups)  # (1, Hq, s, hd)
+        return ((q.float() @ k.float().transpose(-1, -2)) * attn.scaling).softmax(-1)[0].mean(0)
+
+    def projection(self, d: int, device: torch.device) -> Tensor:
+        """The seeded (d, d_p) Gaussian projection, entries N(0, 1/d): a projected unit-RMS vector has unit-RMS
+        entries, so <q, k> / sqrt(d_p) is scaled like an attention head's scores."""
+        key = (d, str(device))
+        if key not in self._projections:
+            gen = torch.Generator().manual_seed(self.seed)
+            self._projections[key] = (torch.randn(d, self.d_p, generator=gen) / math.sqrt(d)).to(device)
+        return self._projections[key]
+
+    def path_dims(self, info: ModelInfo) -> int:
+        """d_p + d_g of the light path, as the paper's FLOPs formula counts it."""
+        d_p = self.d_p if self.alpha == "random" else info.n_heads * info.head_dim
+        return d_p + self.gate_width
+
+    def light_matmuls(self, r: int, s: int, info: ModelInfo) -> list[tuple[int, int, int]]:
+        """The exact matmuls of the light path for r routed tokens and s proxies, as (m, k, n)."""
+        d = info.hidden_size
+        if self.alpha == "random":
+            scores = [(r, d, self.d_p), (s, d, self.d_p), (r, self.d_p, s)]
+        else:
+            hd = info.head_dim
+            scores = [(r, d, info.n_heads * hd), (s, d, info.n_kv_heads * hd)] + [(r, hd, s)] * info.n_heads
+        gate = [(r, d, self.gate_width), (r, self.gate_width, d)] if self.gate_width else []
+        return scores + [(r, s, d)] + gate
+
+    # -- analytic plan ------------------------------------------------------------------------------------------
+    def image_schedule(self, info: ModelInfo) -> list[int]:
+        return [info.n_image_tokens] * info.n_layers  # nothing is dropped
+
+    def layer_records(self, info: ModelInfo, text: int, answer: int) -> list[LayerRecord]:
+        n_img, l_mask = info.n_image_tokens, self.resolved_mask_layer(info)
+        held = answer + (self.mask_tokens == "carrier") if l_mask else 0
+        n_s = self.n_proxies(n_img)
+        routed = n_img - n_s if self.image != "full" else 0
+        out = []
+        for i in range(info.n_layers):
+            n = text + n_img - (held if i < l_mask else 0)
+            rec = LayerRecord(n=n, n_image=n_img, n_ffn=n - routed)
+            if routed and self.image == "proxy":
+                rec.light, rec.routed, rec.routed_dims = self.light_matmuls(routed, n_s, info), routed, \
+                    self.path_dims(info)
+            out.append(rec)
+        return out

@@ -1,0 +1,183 @@
+"""Token Routing: eq. 9-12 against a plain-torch computation on hooked stock layers, mask routing against the masked
+full-length reference, the paper's Table 4 FLOPs, and the analytic plan against measured runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.utils.flop_counter import FlopCounterMode
+
+import harness
+from harness.cli import main
+from harness.flops import Arch, compute_flops, schedule_ledger
+from harness.latency import Stopwatch
+from harness.state import Kind
+from harness.methods.routing import TokenRouting
+from tests.conftest import QUERY
+from tests.reference import Recorder, assembled_sequence, masked_reference
+
+TOL = 1e-5
+
+
+class Spy(TokenRouting):
+    """Records the proxies drawn in every layer."""
+
+    name = "routing"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def draw(self, img, n_s, ctx):
+        out = super().draw(img, n_s, ctx)
+        self.drawn.append(out)
+        return out
+
+
+def routed_reference(model, image, spy: Spy, alpha: str, gate: float, d_p: int = 128, skip: bool = False):
+    """The stock LlamaModel on the assembled sequence, each layer's MLP output replaced for the routed rows by eq. 9-12
+    in plain torch (proxies: the ones the method drew; alpha from its definition, not from the method's code)."""
+    state = assembled_sequence(model, image, QUERY, spy)
+    layers = model.language_model.layers
+    inputs, attn_out, handles = {}, {}, []
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(state.hidden.shape[-1], d_p, generator=gen) / math.sqrt(state.hidden.shape[-1])
+
+    def mlp_hook(i):
+        def hook(mlp, args, out):
+            proxies, rest = spy.drawn[i]
+            x = args[0][0]
+            out = out.clone()
+            if skip:
+                out[0, rest] = 0
+                return out
+            if alpha == "random":
+                scores = (x[rest] @ w) @ (x[proxies] @ w).T / math.sqrt(d_p)
+                a = scores.softmax(-1)
+            else:
+                layer = layers[i]
+                h = inputs[i] + attn_out[i]  # the residual stream after attention
+                z = layer.input_layernorm(h)[0]
+                heads, hd = model.language_model.config.num_attention_heads, layer.self_attn.head_dim
+                kv = model.language_model.config.num_key_value_heads
+                q = (z[rest] @ layer.self_attn.q_proj.weight.T).view(len(rest), heads, hd)
+                k = (z[proxies] @ layer.self_attn.k_proj.weight.T).view(len(proxies), kv, hd)
+                k = k.repeat_interleave(heads // kv, dim=1)
+                a = torch.einsum("rhd,shd->hrs", q, k).div(math.sqrt(hd)).softmax(-1).mean(0)
+            out[0, rest] = gate * (a @ out[0, proxies])
+            return out
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: inputs.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
+            with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(lambda mod, args, out, i=i: attn_out.__setitem__(i, out[0])))
+        handles.append(layer.mlp.register_forward_hook(mlp_hook(i)))
+    try:
+        with torch.inference_mode():
+            final = model.language_model(inputs_embeds=state.hidden, use_cache=False).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    return final[:, int(state.row_of(Kind.SEG)[0]) - 1]
+
+
+@pytest.mark.parametrize("alpha,gate,mode", [("random", 1.0, "proxy"), ("random", 0.4, "proxy"),
+                                              ("attn", 0.7, "proxy"), ("random", 1.0, "skip")])
+def test_image_routing_equals_plain_torch_eq_9_to_12(tiny, image, alpha, gate, mode):
+    spy = Spy(mask_layer=0, alpha=alpha, gate=gate, image=mode)
+    ours = tiny.segment(image, QUERY, spy)
+    assert len(spy.drawn) == 8 and all(len(p) == 8 and len(r) == 248 for p, r in spy.drawn)
+    ref = routed_reference(tiny, image, spy, alpha, gate, skip=mode == "skip")
+    assert (ours.seg_hidden - ref).abs().max() <= TOL
+    base = tiny.segment(image, QUERY, "none").seg_hidden
+    assert (ours.seg_hidden - base).abs().max() > 1e-3  # routing changed the result: the comparison can fail
+    rec = ours.ledger.layers[0]
+    assert rec.n == rec.n_ffn + 248 and rec.routed == (248 if mode == "proxy" else 0)
+
+
+def test_proxies_are_random_per_layer_and_seeded(tiny, image):
+    a, b, c = Spy(mask_layer=0), Spy(mask_layer=0), Spy(mask_layer=0, seed=1)
+    for spy in (a, b, c):
+        tiny.segment(image, QUERY, spy, sample_key="s1")
+    first = [p.tolist() for p, _ in a.drawn]
+    assert first == [p.tolist() for p, _ in b.drawn]  # same seed and sample: the same draws
+    assert first != [p.tolist() for p, _ in c.drawn]  # another seed: other draws
+    assert len({tuple(p) for p in first}) == 8  # a new draw in every layer
+
+
+@pytest.mark.parametrize("tokens", ["answer", "carrier"])
+def test_mask_routing_equals_the_masked_full_length_run(tiny, image, tokens):
+    rec = Recorder(TokenRouting(mask_layer=3, mask_tokens=tokens, image="full"))
+    ours = tiny.segment(image, QUERY, rec)
+    state = assembled_sequence(tiny, image, QUERY, rec.inner)
+    ref = masked_reference(tiny, state, rec.present, "original")
+    assert (ours.seg_hidden - ref).abs().max() <= TOL
+    held = 3 + (tokens == "carrier")  # "[SEG]", ".", "</s>" (+ the token before [SEG])
+    assert ours.trace.tokens_per_layer == [len(state) - held] * 3 + [len(state)] * 5
+    base = tiny.segment(image, QUERY, "none").seg_hidden
+    if tokens == "answer":  # later rows cannot change the [SEG]-predicting row under causal attention
+        assert (ours.seg_hidden - base).abs().max() <= TOL
+    else:
+        assert (ours.seg_hidden - base).abs().max() > 1e-3
+
+
+def test_keep_everything_and_generate_mode(tiny, image):
+    base = tiny.segment(image, QUERY, "none")
+    keep = tiny.segment(image, QUERY, "routing:mask_layer=0,proxies=256")
+    assert (keep.seg_hidden - base.seg_hidden).abs().max() <= TOL and keep.flops == base.flops
+    out = tiny.segment(image, QUERY, "routing:mask_tokens=carrier", decode="generate", max_new_tokens=3)
+    assert out.ledger.layers[0].n == out.ledger.layers[-1].n - 1  # the prompt's last token entered late
+    assert isinstance(out.answer, str)
+
+
+@pytest.mark.parametrize("spec", ["routing:alpha=attn", "routing:image=skip,mask_tokens=carrier"])
+def test_exact_flops_match_flop_counter(tiny_eager, image, spec):
+    method = harness.create_method(spec)
+    tiny_eager.segment(image, QUERY, method)
+    with FlopCounterMode(display=False) as counter:
+        watch = Stopwatch(clock=lambda: float(counter.get_total_flops()))
+        r = tiny_eager.segment(image, QUERY, method, stopwatch=watch)
+    assert r.flops["llm"] == pytest.approx(watch.last["llm"], rel=0.01)
+    assert r.flops["total"] == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+@pytest.mark.parametrize("spec", ["routing", "routing:alpha=attn,mask_tokens=carrier", "routing:image=skip",
+                                  "routing:image=full,mask_layer=5"])
+def test_analytic_plan_equals_the_measured_ledger(tiny, image, spec):
+    """`segprune flops --model` of a routing method gives what a run measures, in every convention."""
+    method = harness.create_method(spec)
+    r = tiny.segment(image, QUERY, method)
+    pre, post = tiny.prompt_ids(QUERY)
+    arch = Arch.from_model(tiny)
+    records = method.layer_records(tiny.info, len(pre) + len(post), len(post) - post.index(tiny.seg_token_id))
+    planned = schedule_ledger(arch, 0, records=records, vision_tokens=256)
+    for convention in ("exact", "routing"):
+        assert compute_flops(arch, planned, convention)["llm"] == compute_flops(arch, r.ledger, convention)["llm"]
+
+
+def test_table_4_rows(monkeypatch):
+    """Token Routing's Table 4 (PSALM, Phi-1.5, N = 450: 256 image tokens, 100 mask queries), to the printed digits."""
+    rows = {"": "1,126.98", "routing:image=full": "998.32", "routing:mask_layer=0,gate_width=512": "758.75",
+            "routing:gate_width=512": "630.09"}
+    for spec, want in rows.items():
+        args = ["flops", "psalm-phi-1.5"] + (["--method", spec] if spec else [])
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        line = next(x for x in result.output.splitlines() if x.strip().startswith("routing "))
+        assert line.split()[4] == want, (spec, line)
+
+
+def test_bad_settings_refused(tiny, image):
+    with pytest.raises(ValueError, match="beyond the model's 8 layers"):
+        tiny.segment(image, QUERY, "routing:mask_layer=8")
+    with pytest.raises(ValueError, match="gate_width is the learned gate"):
+        tiny.segment(image, QUERY, "routing:gate_width=512")
+    with pytest.raises(ValueError, match="gate is a sigmoid"):
+        harness.create_method("routing:gate=1.5")
+    with pytest.raises(ValueError, match="proxies must be >= 1"):
+        harness.create_method("routing:proxies=0")
