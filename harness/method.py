@@ -108,6 +108,13 @@ class Method:
         """Image tokens per LLM layer if they do not depend on the input (for analytic FLOPs), else None."""
         return None
 
+    def budget_n_avg(self, info: ModelInfo) -> float | None:
+        """The N_avg a budget is matched on: the mean of `image_schedule` (None when it depends on the input). A
+        method that keeps every image token but saves their work otherwise (Token Routing) returns the N_avg a
+        pruning method would need for the same saving."""
+        sched = self.image_schedule(info)
+        return None if sched is None else sum(sched) / len(sched)
+
     def layer_records(self, info: ModelInfo, text: int, answer: int) -> list[LayerRecord] | None:
         """The work of every LLM layer for analytic FLOPs, if it does not depend on the input, else None.
 
@@ -373,8 +380,8 @@ def _check_budget_params(cls: type[Method], fixed: dict[str, Any], budget: Budge
 
 
 def achieved_n_avg(method: Method, info: ModelInfo) -> float | None:
-    sched = method.image_schedule(info)
-    return None if sched is None else sum(sched) / len(sched)
+    """The N_avg a budget is matched on (`Method.budget_n_avg`); None when it depends on the input."""
+    return method.budget_n_avg(info)
 
 
 def create_method(spec_or_name: str | Method | None = None, *, info: ModelInfo | None = None,

@@ -26,11 +26,12 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from harness.engine import Context
 from harness.ledger import LayerRecord
-from harness.method import Method, ModelInfo, register
+from harness.method import BUDGET_TOLERANCE, Method, ModelInfo, register
 from harness.state import Kind, TokenState
 
 PAPER_LAYERS, PAPER_MASK_SKIP = 24, 12  # Table 4: the mask queries skip 12 of Phi-1.5's 24 layers
 PAPER_IMAGE, PAPER_PROXIES = 256, 8  # N_s = 8 proxies for 256 image tokens
+LISA_ANSWER = 3  # "[SEG].</s>": the tokens after "ASSISTANT:" in LISA's evaluation template
 
 
 @register("routing")
@@ -46,7 +47,17 @@ class TokenRouting(Method):
     tests the paper's claim that mask tokens need no early layers. In generate mode's prefill there is no answer yet,
     so "answer" holds nothing and "carrier" holds the prompt's last token.
 
-    Budget mapping: none yet (give `proxies` and `mask_layer`).
+    Budget mapping: routing keeps every image token, so its N_avg stays N; a budget r is met on work instead: the
+    image-token-equivalent N_avg = N - saved / (L c), where c is one token's projection and FFN work in one layer
+    (the share `@r` removes for a pruning method) and saved is the FFN work of the routed tokens less their light
+    path, plus the held-back answer tokens' work (LISA's three, "[SEG].</s>"). `mask_layer` stays at its default
+    (or as given) and the number of proxies N_s is solved for; what one proxy per layer cannot reach is refused
+    with the reachable range (LLaMA's FFN is about two thirds of a token's work, so about 65% is the most).
+
+    The training-free defaults were chosen by measurement on the bundled model's calibration split
+    (`benchmarks/routing_fidelity.py`, shapes-ref train, 24 samples): the random projection explains the routed
+    tokens' FFN updates far better than the layer's own q/k (residual |g a - t|^2 / |t|^2 0.137 vs 0.508), and the
+    least-squares constant gate for it is 0.94.
 
     Args:
         mask_layer: L_mask, the first decoder layer (0-based) the mask tokens run in; they skip layers 0..L_mask-1 and
@@ -62,7 +73,8 @@ class TokenRouting(Method):
             queries and keys) or "attn" (the layer's own attention q/k projections without RoPE, per-head softmax,
             averaged over heads).
         d_p: width of the random projection (the paper's d_p).
-        gate: the constant that replaces eq. 12's gate sigma(MLP(v)); 1 is Table 5's "w/o gate".
+        gate: the constant that replaces eq. 12's gate sigma(MLP(v)) (default: measured, see above); 1 is Table
+            5's "w/o gate".
         gate_width: d_g, the width of a learned gate MLP (the paper's 512); for analytic FLOPs of the paper's design
             on a named architecture only (a learned gate needs weights this variant does not have).
         seed: seed of the proxy draws (per sample and layer) and of the random projection.
@@ -81,7 +93,7 @@ class TokenRouting(Method):
 
     def __init__(self, mask_layer: int | None = None, mask_tokens: Literal["answer", "carrier"] = "answer",
                  image: Literal["proxy", "skip", "full"] = "proxy", proxies: int | None = None,
-                 alpha: Literal["random", "attn"] = "random", d_p: int = 128, gate: float = 1.0,
+                 alpha: Literal["random", "attn"] = "random", d_p: int = 128, gate: float = 0.94,
                  gate_width: int = 0, seed: int = 0):
         if mask_layer is not None and mask_layer < 0:
             raise ValueError(f"routing: mask_layer must be >= 0 (0: no mask routing), got {mask_layer}")
@@ -200,6 +212,34 @@ class TokenRouting(Method):
             scores = [(r, d, info.n_heads * hd), (s, d, info.n_kv_heads * hd)] + [(r, hd, s)] * info.n_heads
         gate = [(r, d, self.gate_width), (r, self.gate_width, d)] if self.gate_width else []
         return scores + [(r, s, d)] + gate
+
+    # -- budgets ------------------------------------------------------------------------------------------------
+    budget_params = ("proxies",)
+
+    def budget_n_avg(self, info: ModelInfo) -> float:
+        """N - saved / (L c): the N_avg a pruning method would need for the same projection + FFN work."""
+        d, m = info.hidden_size, info.intermediate_size
+        token = 2 * d * (info.n_heads + info.n_kv_heads) * info.head_dim + 3 * d * m  # projections + gated FFN
+        base = self.layer_records(info, 0, LISA_ANSWER)
+        full = TokenRouting(mask_layer=0, image="full").layer_records(info, 0, LISA_ANSWER)
+        saved = sum((f.n - r.n) * token + (f.n_ffn - f.n + r.n - r.n_ffn) * 3 * d * m
+                    - sum(a * b * c for a, b, c in r.light) for r, f in zip(base, full, strict=True))
+        return info.n_image_tokens - saved / (info.n_layers * token)
+
+    @classmethod
+    def for_budget(cls, info: ModelInfo, n_avg: float, **fixed) -> TokenRouting:
+        n = info.n_image_tokens
+        fixed = {**fixed, "image": fixed.get("image", "proxy")}
+        if fixed["image"] == "full":
+            raise ValueError("routing: a budget is met with proxies, which image=full turns off; drop image=full")
+        best = min((cls(**fixed, proxies=s) for s in range(1, n + 1)),
+                   key=lambda m: abs(m.budget_n_avg(info) - n_avg))
+        if abs(best.budget_n_avg(info) - n_avg) > BUDGET_TOLERANCE * n:
+            lowest = cls(**fixed, proxies=1).budget_n_avg(info)
+            raise ValueError(f"routing: N_avg {n_avg:.1f} ({1 - n_avg / n:.0%} reduction) is out of reach; with "
+                             f"these settings routing reaches {1 - cls(**fixed, proxies=n).budget_n_avg(info) / n:.0%}"
+                             f" to {1 - lowest / n:.0%} (one proxy per layer)")
+        return best
 
     # -- analytic plan ------------------------------------------------------------------------------------------
     def image_schedule(self, info: ModelInfo) -> list[int]:

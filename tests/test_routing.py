@@ -181,3 +181,19 @@ def test_bad_settings_refused(tiny, image):
         harness.create_method("routing:gate=1.5")
     with pytest.raises(ValueError, match="proxies must be >= 1"):
         harness.create_method("routing:proxies=0")
+
+
+def test_budget_is_met_on_work_and_refused_beyond_reach(tiny, image):
+    info = tiny.info
+    m = harness.create_method("routing@50%", info=info)
+    d, inter, n, layers, s = info.hidden_size, info.intermediate_size, 256, info.n_layers, m.proxies
+    token = 2 * d * d + 2 * d * 2 * 64 + 3 * d * inter  # q, o; k, v (2 KV heads of 64); gated FFN, per token-layer
+    light = (n - s) * d * 128 + s * d * 128 + (n - s) * 128 * s + (n - s) * s * d  # projections, scores, sum
+    saved = 3 * 4 * token + layers * ((n - s) * 3 * d * inter - light)  # 3 answer tokens skip 4 layers; routed FFNs
+    assert m.budget_n_avg(info) == pytest.approx(n - saved / (layers * token))
+    assert abs(m.budget_n_avg(info) - 128) <= 0.02 * 256
+    assert tiny.segment(image, QUERY, m).trace.n_avg == 256  # every image token stays
+    with pytest.raises(ValueError, match="out of reach; with these settings routing reaches 1% to 6"):
+        harness.create_method("routing@75%", info=info)
+    with pytest.raises(ValueError, match="proxies is what @50% solves for"):
+        harness.create_method("routing:proxies=8@50%", info=info)
