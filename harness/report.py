@@ -177,6 +177,9 @@ def paper_frame(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     frame["group"] = pd.Categorical(frame["group"], GROUPS, ordered=True)
     frame = frame.sort_values(["model", "decode", "group", "N_avg"], ascending=[True, True, True, False],
                               kind="stable", na_position="last").reset_index(drop=True)
+    if frame["spec"].astype(str).str.startswith("routing").any():
+        notes.append("routing keeps every image token in every layer, so its N_avg is N: it saves FFN and answer-token "
+                     "work instead; compare it with the pruning methods on the FLOPs and latency columns")
     return frame, notes
 
 

@@ -197,3 +197,13 @@ def test_budget_is_met_on_work_and_refused_beyond_reach(tiny, image):
         harness.create_method("routing@75%", info=info)
     with pytest.raises(ValueError, match="proxies is what @50% solves for"):
         harness.create_method("routing:proxies=8@50%", info=info)
+
+
+def test_report_says_what_n_avg_means_for_routing(tmp_path):
+    from harness.report import paper_frame
+    from harness.runner import expand_grid, run_grid
+
+    run_grid(expand_grid(["random:tiny"], ["none", "routing@50%"], ["toy:val"], limit=1), tmp_path)
+    frame, notes = paper_frame(tmp_path)
+    assert list(frame["N_avg"]) == [256, 256] and frame["TFLOPs"].iloc[1] < frame["TFLOPs"].iloc[0]
+    assert any("routing keeps every image token" in n for n in notes)
