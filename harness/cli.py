@@ -284,6 +284,53 @@ def viz(run_dir, methods, samples, split, limit, out) -> None:
 
 
 @main.command()
+@click.argument("source")
+@click.option("--dataset", default=None, help=f"dataset:split (default: the run's first, else {DEFAULT_DATASET})")
+@click.option("--method", "methods", multiple=True, help="method spec; repeatable (default: the run's methods, else "
+                                                          "none)")
+@click.option("--limit", type=int, default=16, show_default=True, help="first N samples")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for token_analysis.csv and .png (default: RUN/token_analysis, else runs/token_analysis)")
+@click.option("--data-root", envvar="SEGPRUNE_DATA", default=None, help="root of the datasets [env SEGPRUNE_DATA]")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu)")
+@friendly
+def analyze(source, dataset, methods, limit, out, data_root, device) -> None:
+    """Token Routing's analyses per LLM layer (eq. 1-3) for a run folder's model or a model (SOURCE): attention to
+    image tokens, from LISA's mask token, and token entropy by kind, with and without methods."""
+    import harness
+    from harness.files import read_json, write_atomic
+    from harness.runner import CONFIG_RECOVER
+    from harness.token_analysis import analyze_tokens, plot_tokens
+
+    path = Path(source)
+    cells = read_json(path / "config.json", CONFIG_RECOVER).get("cells") if (path / "config.json").is_file() \
+        and not (path / "segprune.json").is_file() else None
+    if cells is not None and not isinstance(cells, list) or cells == []:
+        raise ValueError(f"{path}/config.json lists no cells: not a run folder (run `segprune run --out {path}`)")
+    if cells:
+        model_name = cells[0]["model"]
+        dataset = dataset or f"{cells[0]['dataset']}:{cells[0]['split']}"
+        data_root = data_root or cells[0].get("data_root")
+        methods = methods or tuple(dict.fromkeys(c["method"] for c in cells))
+        out = out or path / "token_analysis"
+    else:
+        model_name = source
+        out = out or Path("runs") / "token_analysis"
+    name, _, split = (dataset or DEFAULT_DATASET).partition(":")
+    model = harness.load_model(model_name, device=device)
+    samples = harness.load_dataset(name, split or "val", root=data_root, limit=limit)
+    frame = analyze_tokens(model, samples, list(methods or ["none"]))
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "token_analysis.csv", frame.to_csv(index=False))
+    plot_tokens(frame, out / "token_analysis.png")
+    for m in dict.fromkeys(frame["method"]):
+        sub = frame[(frame["method"] == m) & (frame["metric"] != "entropy")]
+        cols = {k: " ".join(f"{v:.2f}" for v in sub[sub["metric"] == k]["value"]) for k in ("img_attn", "mask2img")}
+        click.echo(f"{m}: attention to image per layer {cols['img_attn']}; from the mask token {cols['mask2img']}")
+    click.echo(f"wrote {out / 'token_analysis.csv'} and {out / 'token_analysis.png'} ({len(samples)} samples)")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
 def methods(as_json) -> None:
