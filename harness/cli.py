@@ -533,6 +533,46 @@ def _convert(fn: Callable[..., Path], src: Path, dst: Path, dtype: str, **option
 
 
 @main.group()
+def calibrate() -> None:
+    """Fit the learned parts of a method's calibrated variant on a calibration split (the LLM frozen)."""
+
+
+@calibrate.command("routing")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="model name or folder")
+@click.option("--data", default="shapes-ref:train", show_default=True,
+              help="dataset:split to calibrate on; runs evaluating the adapter on it are refused")
+@click.option("--limit", type=int, default=48, show_default=True, help="first N samples (a quarter held out)")
+@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("runs/routing-adapter.safetensors"), show_default=True, help="the adapter file")
+@click.option("--data-root", envvar="SEGPRUNE_DATA", default=None, help="root of the datasets [env SEGPRUNE_DATA]")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly
+def calibrate_routing_cmd(model, data, limit, epochs, out, data_root, device, seed) -> None:
+    """Token Routing's W_q, W_k and gate MLP (d_p 128, d_g 512) per layer, regressing the routed image tokens' true
+    FFN updates; use the result as routing:adapter=FILE."""
+    from tqdm import tqdm
+
+    import harness
+    from harness.methods.routing import calibrate as fit
+
+    name, _, split = data.partition(":")
+    loaded = harness.load_model(model, device=device)
+    samples = harness.load_dataset(name, split or "train", root=data_root, limit=limit)
+    n_val = max(1, round(0.25 * len(samples)))
+    with tqdm(total=epochs * (len(samples) - n_val), desc="calibrating routing", file=sys.stderr, disable=None,
+              leave=False) as bar:
+        adapter, info = fit(loaded, samples, data=f"{name}:{split or 'train'}", epochs=epochs, seed=seed,
+                            progress=bar.update)
+    adapter.save(out, info)
+    click.echo(f"{out}: {info['layers']} layers, held-out residual {info['held_out_residual_before']:.3f} -> "
+               f"{info['held_out_residual_after']:.3f} ({info['train_samples']} + {info['held_out_samples']} samples "
+               f"of {info['data']})")
+    click.echo(f"next: segprune run --model {model} --method 'routing:adapter={out}' (not on {info['data']})")
+
+
+@main.group()
 def train() -> None:
     """Train the project's bundled models (deterministic given --seed)."""
 

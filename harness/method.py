@@ -108,6 +108,9 @@ class Method:
         """Image tokens per LLM layer if they do not depend on the input (for analytic FLOPs), else None."""
         return None
 
+    def check_data(self, dataset: str, split: str) -> None:
+        """Refuse (ValueError) a dataset split this method must not be evaluated on (one it was calibrated on)."""
+
     def budget_n_avg(self, info: ModelInfo) -> float | None:
         """The N_avg a budget is matched on: the mean of `image_schedule` (None when it depends on the input). A
         method that keeps every image token but saves their work otherwise (Token Routing) returns the N_avg a

@@ -376,6 +376,7 @@ def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[
             datasets[dkey] = split[:cell.limit] if cell.limit is not None else split
         method = create_method(cell.method, info=models[key].info)  # a budget spec resolves on its model
         method.bind(models[key].info)
+        method.check_data(cell.dataset, cell.split)
         ready.append(replace(cell, model_fingerprint=models[key].fingerprint(), data_fingerprint=splits[dkey]))
         methods[ready[-1].id] = method
     return ready, models, datasets, methods

@@ -17,7 +17,12 @@ LISA has neither, so this is the training-free variant: alpha from a fixed proje
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -77,6 +82,8 @@ class TokenRouting(Method):
             5's "w/o gate".
         gate_width: d_g, the width of a learned gate MLP (the paper's 512); for analytic FLOPs of the paper's design
             on a named architecture only (a learned gate needs weights this variant does not have).
+        adapter: the calibrated variant: a file from `segprune calibrate routing` with learned W_q, W_k and gate MLP
+            per layer (they replace alpha, d_p, gate and gate_width).
         seed: seed of the proxy draws (per sample and layer) and of the random projection.
     """
 
@@ -94,7 +101,7 @@ class TokenRouting(Method):
     def __init__(self, mask_layer: int | None = None, mask_tokens: Literal["answer", "carrier"] = "answer",
                  image: Literal["proxy", "skip", "full"] = "proxy", proxies: int | None = None,
                  alpha: Literal["random", "attn"] = "random", d_p: int = 128, gate: float = 0.94,
-                 gate_width: int = 0, seed: int = 0):
+                 gate_width: int = 0, adapter: str | None = None, seed: int = 0):
         if mask_layer is not None and mask_layer < 0:
             raise ValueError(f"routing: mask_layer must be >= 0 (0: no mask routing), got {mask_layer}")
         if proxies is not None and proxies < 1:
@@ -107,14 +114,21 @@ class TokenRouting(Method):
             raise ValueError(f"routing: gate_width must be >= 0, got {gate_width}")
         self.mask_layer, self.mask_tokens, self.image, self.proxies = mask_layer, mask_tokens, image, proxies
         self.alpha, self.d_p, self.gate, self.gate_width, self.seed = alpha, d_p, gate, gate_width, seed
+        self.adapter = adapter
+        if adapter is not None and (alpha, d_p, gate, gate_width) != ("random", 128, 0.94, 0):
+            raise ValueError("routing: an adapter brings its own W_q, W_k and gate MLP; drop alpha, d_p, gate and "
+                             "gate_width")
         self._l_mask = 0
         self._projections: dict[tuple, Tensor] = {}
+        self._adapter: Adapter | None = None
 
     def bind(self, info: ModelInfo) -> None:
         self._l_mask = self.resolved_mask_layer(info)
         if self._l_mask >= info.n_layers:
             raise ValueError(f"routing: mask_layer={self._l_mask} is beyond the model's {info.n_layers} layers; use "
                              f"0..{info.n_layers - 1}")
+        if self.adapter is not None:
+            self._adapter = Adapter.load(self.adapter, info)
         if self.gate_width and info.weights:
             raise ValueError("routing: gate_width is the learned gate MLP of the paper's trained model; this "
                              "training-free variant has a constant gate (drop gate_width, or use it with "
@@ -162,7 +176,9 @@ class TokenRouting(Method):
         if self.image == "skip":
             return out
         weights = self.alpha_weights(i, x, state.hidden, proxies, rest, ctx)  # (r, s) fp32, eq. 10
-        out[0, rest] = self.gate * (weights.to(x.dtype) @ out[0, proxies])  # eq. 11-12, constant gate
+        update = weights.to(x.dtype) @ out[0, proxies]  # eq. 11
+        gate = self._adapter.gate(i, x[0, rest]) if self._adapter else self.gate  # eq. 12
+        out[0, rest] = gate * update
         ctx.record.light += self.light_matmuls(len(rest), n_s, ctx.info)
         ctx.record.routed, ctx.record.routed_dims = len(rest), self.path_dims(ctx.info)
         return out
@@ -175,6 +191,8 @@ class TokenRouting(Method):
     def alpha_weights(self, i: int, x: Tensor, hidden: Tensor, proxies: Tensor, rest: Tensor,
                       ctx: Context) -> Tensor:
         """alpha (r, s): softmax over the proxies of the scaled similarity of each routed token with each proxy."""
+        if self._adapter is not None:
+            return self._adapter.alpha(i, x[0, rest], x[0, proxies])
         if self.alpha == "random":
             w = self.projection(x.shape[-1], x.device)
             q, k = x[0, rest].float() @ w, x[0, proxies].float() @ w
@@ -197,21 +215,32 @@ class TokenRouting(Method):
             self._projections[key] = (torch.randn(d, self.d_p, generator=gen) / math.sqrt(d)).to(device)
         return self._projections[key]
 
+    def dims(self) -> tuple[int, int]:
+        """(d_p, d_g) of the projection and the gate MLP (d_g 0: a constant gate)."""
+        if self._adapter is not None:
+            return self._adapter.d_p, self._adapter.d_g
+        return self.d_p, self.gate_width
+
     def path_dims(self, info: ModelInfo) -> int:
         """d_p + d_g of the light path, as the paper's FLOPs formula counts it."""
-        d_p = self.d_p if self.alpha == "random" else info.n_heads * info.head_dim
-        return d_p + self.gate_width
+        d_p, d_g = self.dims()
+        return (d_p if self.alpha == "random" else info.n_heads * info.head_dim) + d_g
 
     def light_matmuls(self, r: int, s: int, info: ModelInfo) -> list[tuple[int, int, int]]:
         """The exact matmuls of the light path for r routed tokens and s proxies, as (m, k, n)."""
-        d = info.hidden_size
+        d, (d_p, d_g) = info.hidden_size, self.dims()
         if self.alpha == "random":
-            scores = [(r, d, self.d_p), (s, d, self.d_p), (r, self.d_p, s)]
+            scores = [(r, d, d_p), (s, d, d_p), (r, d_p, s)]
         else:
             hd = info.head_dim
             scores = [(r, d, info.n_heads * hd), (s, d, info.n_kv_heads * hd)] + [(r, hd, s)] * info.n_heads
-        gate = [(r, d, self.gate_width), (r, self.gate_width, d)] if self.gate_width else []
+        gate = [(r, d, d_g), (r, d_g, d)] if d_g else []
         return scores + [(r, s, d)] + gate
+
+    def check_data(self, dataset: str, split: str) -> None:
+        if self._adapter is not None and self._adapter.calibrated_on == f"{dataset}:{split}":
+            raise ValueError(f"routing: the adapter {self.adapter} was calibrated on {dataset}:{split}; evaluate it on "
+                             f"another split, or calibrate on one you do not evaluate (e.g. train)")
 
     # -- budgets ------------------------------------------------------------------------------------------------
     budget_params = ("proxies",)
@@ -259,3 +288,150 @@ class TokenRouting(Method):
                     self.path_dims(info)
             out.append(rec)
         return out
+
+
+# -- the calibrated variant ---------------------------------------------------------------------------------------
+class Adapter(nn.Module):
+    """The learned parts of the paper's design, per layer: W_q, W_k (d x d_p) and the gate MLP d -> d_g -> d (GELU,
+    then the sigmoid of eq. 12). Fitted with the LLM frozen by `calibrate`; starts as the training-free variant (the
+    seeded random projection, a constant gate), so calibration can only refine it."""
+
+    def __init__(self, n_layers: int, d: int, d_p: int, d_g: int, projection: Tensor | None = None,
+                 gate: float = 0.94):
+        super().__init__()
+        self.d_p, self.d_g = d_p, d_g
+        start = projection if projection is not None else torch.randn(d, d_p) / math.sqrt(d)
+        self.w_q = nn.ParameterList(nn.Parameter(start.clone()) for _ in range(n_layers))
+        self.w_k = nn.ParameterList(nn.Parameter(start.clone()) for _ in range(n_layers))
+        self.gates = nn.ModuleList(nn.Sequential(nn.Linear(d, d_g), nn.GELU(), nn.Linear(d_g, d))
+                                   for _ in range(n_layers))
+        for g in self.gates:
+            nn.init.zeros_(g[2].weight)
+            nn.init.constant_(g[2].bias, math.log(gate / (1 - gate)))  # sigmoid(bias) = the constant gate
+        self.calibrated_on = ""
+
+    def _on(self, x: Tensor) -> None:
+        if self.w_q[0].device != x.device:
+            self.to(x.device)
+
+    def alpha(self, i: int, routed: Tensor, proxies: Tensor) -> Tensor:
+        self._on(routed)
+        q, k = routed.float() @ self.w_q[i], proxies.float() @ self.w_k[i]
+        return (q @ k.T / math.sqrt(self.d_p)).softmax(-1)
+
+    def gate(self, i: int, routed: Tensor) -> Tensor:
+        self._on(routed)
+        return torch.sigmoid(self.gates[i](routed.float())).to(routed.dtype)
+
+    def save(self, path: Path, provenance: dict) -> None:
+        """Atomically, as safetensors with the provenance as metadata."""
+        from safetensors.torch import save_file
+
+        from harness.files import usual_mode
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, tmp, metadata={"segprune": json.dumps(provenance)})
+        os.chmod(tmp, usual_mode(0o666))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, info: ModelInfo) -> Adapter:
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"routing: adapter {path} not found; make one with `segprune calibrate routing`")
+        try:
+            with safe_open(path, "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("segprune", "{}"))
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, json.JSONDecodeError, OSError) as err:
+            raise ValueError(f"routing: {path} is not a routing adapter ({err}); calibrate again") from None
+        want = (info.n_layers, info.hidden_size)
+        if (meta.get("layers"), meta.get("hidden_size")) != want:
+            raise ValueError(f"routing: {path} was calibrated for {meta.get('layers')} layers of width "
+                             f"{meta.get('hidden_size')}, the model has {want[0]} of width {want[1]}; calibrate on it")
+        adapter = cls(info.n_layers, info.hidden_size, int(meta["d_p"]), int(meta["d_g"]))
+        adapter.load_state_dict(state)
+        adapter.calibrated_on = meta.get("data", "")
+        return adapter.requires_grad_(False)
+
+
+class _Collector(Method):
+    """The stock forward, keeping every layer's FFN input and update of the image tokens."""
+
+    name = "routing-calibration"
+
+    def __init__(self):
+        self.layers: list[tuple[Tensor, Tensor]] = []
+
+    def ffn(self, i, mlp, x, state, ctx):
+        out = mlp(x)
+        img = state.image_rows
+        self.layers.append((x[0, img].float().clone(), out[0, img].float().clone()))
+        return out
+
+
+def calibrate(model, samples: list, *, data: str, proxies: int | None = None, d_p: int = 128, d_g: int = 512,
+              epochs: int = 8, lr: float = 1e-3, holdout: float = 0.25, seed: int = 0,
+              progress: Callable[[int], None] | None = None) -> tuple[Adapter, dict]:
+    """Fit W_q, W_k and the gate MLP of every layer by regressing the true FFN updates of the routed image tokens
+    from the proxies' (eq. 9-12), the LLM frozen; the last `holdout` of `samples` only measures the fit.
+
+    Returns the adapter and its provenance (with the held-out residual |pred - true|^2 / |true|^2 before and after).
+    """
+    import harness
+
+    info = model.info
+    if len(samples) < 2:
+        raise ValueError("routing calibration needs at least 2 samples (one is held out to measure the fit)")
+    plan = TokenRouting(mask_layer=0, proxies=proxies, seed=seed)
+    n_s = plan.n_proxies(info.n_image_tokens)
+    torch.manual_seed(seed)
+    adapter = Adapter(info.n_layers, info.hidden_size, d_p, d_g, plan.projection(info.hidden_size, "cpu"))
+    opt = torch.optim.Adam(adapter.parameters(), lr=lr)
+    n_val = max(1, round(holdout * len(samples)))
+    train, held = samples[:-n_val], samples[-n_val:]
+    gen = torch.Generator().manual_seed(seed)
+
+    def features(s) -> list[tuple[Tensor, Tensor]]:
+        collector = _Collector()
+        model.segment(s.image, s.query, collector, is_sentence=s.is_sentence, sample_key=s.id)
+        return [(x.cpu().clone(), t.cpu().clone()) for x, t in collector.layers]  # out of inference mode: autograd
+
+    def residual(i: int, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.randperm(len(x), generator=gen)
+        p, r = order[:n_s], order[n_s:]
+        pred = adapter.gate(i, x[r]) * (adapter.alpha(i, x[r], x[p]) @ t[p])
+        return ((pred - t[r]) ** 2).sum(), (t[r] ** 2).sum()
+
+    def held_out() -> float:
+        err = norm = 0.0
+        with torch.no_grad():
+            for s in held:
+                for i, (x, t) in enumerate(features(s)):
+                    e, n = residual(i, x, t)
+                    err, norm = err + float(e), norm + float(n)
+        return err / norm
+
+    before = held_out()
+    for _ in range(epochs):
+        for s in train:
+            for i, (x, t) in enumerate(features(s)):
+                e, n = residual(i, x, t)
+                (e / n).backward()  # each layer's own parameters, its own relative error
+            opt.step()
+            opt.zero_grad()
+            if progress:
+                progress(1)
+    after = held_out()
+    adapter.calibrated_on = data
+    provenance = {"model": model.config.name, "fingerprint": model.fingerprint(), "data": data,
+                  "train_samples": len(train), "held_out_samples": len(held), "epochs": epochs, "lr": lr,
+                  "seed": seed, "proxies": n_s, "d_p": d_p, "d_g": d_g, "layers": info.n_layers,
+                  "hidden_size": info.hidden_size, "held_out_residual_before": round(before, 4),
+                  "held_out_residual_after": round(after, 4), "segprune": harness.__version__,
+                  "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    return adapter.requires_grad_(False), provenance

@@ -207,3 +207,52 @@ def test_report_says_what_n_avg_means_for_routing(tmp_path):
     frame, notes = paper_frame(tmp_path)
     assert list(frame["N_avg"]) == [256, 256] and frame["TFLOPs"].iloc[1] < frame["TFLOPs"].iloc[0]
     assert any("routing keeps every image token" in n for n in notes)
+
+
+@pytest.fixture(scope="module")
+def adapter_file(tiny, tmp_path_factory):
+    from harness.methods.routing import calibrate
+
+    samples = harness.load_dataset("toy", "train", limit=4)
+    adapter, info = calibrate(tiny, samples, data="toy:train", epochs=2, d_g=16)
+    path = tmp_path_factory.mktemp("adapter") / "routing.safetensors"
+    adapter.save(path, info)
+    return path, info
+
+
+def test_calibration_fits_round_trips_and_refuses_its_own_split(tiny, image, adapter_file, tmp_path):
+    path, info = adapter_file
+    assert info["held_out_residual_after"] < info["held_out_residual_before"]  # the fit improved on held-out data
+    m = harness.create_method(f"routing:adapter={path}")
+    r = tiny.segment(image, QUERY, m)
+    assert m._adapter.calibrated_on == "toy:train" and m.dims() == (128, 16)
+    rec = r.ledger.layers[0]
+    assert rec.light[-2:] == [(248, 256, 16), (248, 16, 256)] and rec.routed_dims == 128 + 16  # the gate MLP counted
+    with FlopCounterMode(display=False) as counter:
+        watch = Stopwatch(clock=lambda: float(counter.get_total_flops()))
+        r2 = tiny.segment(image, QUERY, m, stopwatch=watch)
+    assert r2.flops["llm"] == pytest.approx(watch.last["llm"], rel=0.01)
+    assert (r2.seg_hidden - r.seg_hidden).abs().max() == 0
+    from harness.runner import expand_grid, prepare_grid
+
+    with pytest.raises(ValueError, match="was calibrated on toy:train; evaluate it on another split"):
+        prepare_grid(expand_grid(["random:tiny"], [f"routing:adapter={path}"], ["toy:train"], limit=1))
+    prepare_grid(expand_grid(["random:tiny"], [f"routing:adapter={path}"], ["toy:val"], limit=1))
+    with pytest.raises(ValueError, match="adapter brings its own"):
+        harness.create_method(f"routing:adapter={path},gate=0.5")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="is not a routing adapter"):
+        tiny.segment(image, QUERY, f"routing:adapter={tmp_path / 'bad.safetensors'}")
+    with pytest.raises(ValueError, match="not found; make one with `segprune calibrate routing`"):
+        tiny.segment(image, QUERY, f"routing:adapter={tmp_path / 'none.safetensors'}")
+
+
+def test_an_uncalibrated_adapter_is_the_training_free_variant(tiny, image, tmp_path):
+    from harness.methods.routing import Adapter
+
+    free = TokenRouting()
+    free.bind(tiny.info)
+    adapter = Adapter(8, 256, 128, 16, free.projection(256, "cpu"))  # gate MLP: zero weights, sigmoid(bias) = 0.94
+    adapter.save(tmp_path / "a.safetensors", {"layers": 8, "hidden_size": 256, "d_p": 128, "d_g": 16, "data": "x"})
+    ours = tiny.segment(image, QUERY, f"routing:adapter={tmp_path / 'a.safetensors'}")
+    assert (ours.seg_hidden - tiny.segment(image, QUERY, "routing").seg_hidden).abs().max() <= TOL
