@@ -550,8 +550,8 @@ def calibrate() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @friendly
 def calibrate_routing_cmd(model, data, limit, epochs, out, data_root, device, seed) -> None:
-    """Token Routing's W_q, W_k and gate MLP (d_p 128, d_g 512) per layer, regressing the routed image tokens' true
-    FFN updates; use the result as routing:adapter=FILE."""
+    """Token Routing's W_q, W_k and gate MLP per layer (d_p, d_g: 1/16 of the hidden and FFN sizes, the paper's
+    128 and 512 for Phi-1.5), regressing the routed image tokens' true FFN updates; use it as routing:adapter=FILE."""
     from tqdm import tqdm
 
     import harness

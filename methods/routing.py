@@ -374,20 +374,25 @@ class _Collector(Method):
         return out
 
 
-def calibrate(model, samples: list, *, data: str, proxies: int | None = None, d_p: int = 128, d_g: int = 512,
-              epochs: int = 8, lr: float = 1e-3, holdout: float = 0.25, seed: int = 0,
+def calibrate(model, samples: list, *, data: str, proxies: int | None = None, d_p: int | None = None,
+              d_g: int | None = None, epochs: int = 8, lr: float = 1e-3, holdout: float = 0.25, seed: int = 0,
               progress: Callable[[int], None] | None = None) -> tuple[Adapter, dict]:
     """Fit W_q, W_k and the gate MLP of every layer by regressing the true FFN updates of the routed image tokens
     from the proxies' (eq. 9-12), the LLM frozen; the last `holdout` of `samples` only measures the fit.
+
+    `d_p`, `d_g` default to the paper's proportions, 1/16 of the hidden size and of the FFN's intermediate size
+    (Phi-1.5: 2048 -> 128, 8192 -> 512). The adapter starts as the training-free variant with that d_p.
 
     Returns the adapter and its provenance (with the held-out residual |pred - true|^2 / |true|^2 before and after).
     """
     import harness
 
     info = model.info
+    d_p = d_p or max(1, round(info.hidden_size / 16))
+    d_g = d_g or max(1, round(info.intermediate_size / 16))
     if len(samples) < 2:
         raise ValueError("routing calibration needs at least 2 samples (one is held out to measure the fit)")
-    plan = TokenRouting(mask_layer=0, proxies=proxies, seed=seed)
+    plan = TokenRouting(mask_layer=0, proxies=proxies, d_p=d_p, seed=seed)
     n_s = plan.n_proxies(info.n_image_tokens)
     torch.manual_seed(seed)
     adapter = Adapter(info.n_layers, info.hidden_size, d_p, d_g, plan.projection(info.hidden_size, "cpu"))

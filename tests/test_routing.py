@@ -225,9 +225,9 @@ def test_calibration_fits_round_trips_and_refuses_its_own_split(tiny, image, ada
     assert info["held_out_residual_after"] < info["held_out_residual_before"]  # the fit improved on held-out data
     m = harness.create_method(f"routing:adapter={path}")
     r = tiny.segment(image, QUERY, m)
-    assert m._adapter.calibrated_on == "toy:train" and m.dims() == (128, 16)
+    assert m._adapter.calibrated_on == "toy:train" and m.dims() == (16, 16)  # d_p: 256 / 16, as the paper's 2048 / 16
     rec = r.ledger.layers[0]
-    assert rec.light[-2:] == [(248, 256, 16), (248, 16, 256)] and rec.routed_dims == 128 + 16  # the gate MLP counted
+    assert rec.light[-2:] == [(248, 256, 16), (248, 16, 256)] and rec.routed_dims == 16 + 16  # the gate MLP counted
     with FlopCounterMode(display=False) as counter:
         watch = Stopwatch(clock=lambda: float(counter.get_total_flops()))
         r2 = tiny.segment(image, QUERY, m, stopwatch=watch)
