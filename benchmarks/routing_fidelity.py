@@ -67,23 +67,19 @@ def main() -> None:
               f"at g=1: {(aa - 2 * at + tt) / tt:.3f}")
     print("end to end, mask IoU with the unrouted model (mean over samples):")
     base = [model.segment(s.image, s.query, "none", is_sentence=s.is_sentence).mask for s in samples]
+
+    def agreement(spec: str) -> float:
+        method, ious = harness.create_method(spec), []
+        for s, b in zip(samples, base, strict=True):
+            m = model.segment(s.image, s.query, method, is_sentence=s.is_sentence, sample_key=s.id).mask
+            union = (m | b).sum()
+            ious.append((m & b).sum() / union if union else 1.0)
+        return float(np.mean(ious))
+
     for alpha in ALPHAS:
         for g in sorted({1.0, round(min(max(gates[alpha], 0.0), 1.0), 2)}):
-            method = harness.create_method(f"routing:mask_layer=0,alpha={alpha},gate={g}")
-            ious = []
-            for s, b in zip(samples, base, strict=True):
-                m = model.segment(s.image, s.query, method, is_sentence=s.is_sentence, sample_key=s.id).mask
-                union = (m | b).sum()
-                ious.append((m & b).sum() / union if union else 1.0)
-            print(f"  alpha={alpha:6s} gate={g:.2f}: {np.mean(ious):.3f}")
-    skip = harness.create_method("routing:mask_layer=0,image=skip")
-    ious = []
-    for s, b in zip(samples, base, strict=True):
-        m = model.segment(s.image, s.query, skip, is_sentence=s.is_sentence, sample_key=s.id).mask
-        union = (m | b).sum()
-        ious.append((m & b).sum() / union if union else 1.0)
-    print(f"  image=skip (w/o FFN):      {np.mean(ious):.3f}")
-
+            print(f"  alpha={alpha:6s} gate={g:.2f}: {agreement(f'routing:mask_layer=0,alpha={alpha},gate={g}'):.3f}")
+    print(f"  image=skip (w/o FFN):      {agreement('routing:mask_layer=0,image=skip'):.3f}")
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
