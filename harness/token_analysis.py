@@ -92,34 +92,38 @@ def analyze_tokens(model, samples: list, methods: list[str]) -> Any:
 
 
 def plot_tokens(frame, out: Path) -> Path:
-    """Two panels: eq. 2 (bars for the first method, lines otherwise) and eq. 1 per layer; eq. 3 per kind and layer."""
+    """Left: eq. 2 (solid) and eq. 1 (dashed, dots) per layer, one colour per method. Right: eq. 3 per layer, one
+    colour per token kind, one line style per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     methods = list(dict.fromkeys(frame["method"]))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    kinds = ("system", "image", "query", "answer")
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     for j, m in enumerate(methods):
         sub = frame[frame["method"] == m]
-        img = sub[sub["metric"] == "img_attn"]
-        mask = sub[sub["metric"] == "mask2img"]
-        if j == 0:
-            ax1.bar(img["layer"], img["value"], color="tab:blue", alpha=0.35, label=f"{m}: attention to image (eq. 2)")
-        else:
-            ax1.plot(img["layer"], img["value"], "--", label=f"{m}: attention to image (eq. 2)")
-        ax1.plot(mask["layer"], mask["value"], "o-", label=f"{m}: mask token to image (eq. 1)")
+        img, mask = sub[sub["metric"] == "img_attn"], sub[sub["metric"] == "mask2img"]
+        ax1.plot(img["layer"], img["value"], "-", color=colours[j % len(colours)])
+        ax1.plot(mask["layer"], mask["value"], "--o", ms=3, color=colours[j % len(colours)])
         ent = sub[sub["metric"] == "entropy"]
-        for kind in ("system", "image", "query", "answer"):
+        for c, kind in enumerate(kinds):
             k = ent[ent["kind"] == kind]
-            if k["value"].notna().any():
-                ax2.plot(k["layer"], k["value"], "-" if j == 0 else "--", label=f"{m}: {kind}")
-    ax1.set(xlabel="LLM layer", ylabel="attention mass", title="Attention to image tokens")
-    ax2.set(xlabel="LLM layer (input of)", ylabel="sum log std", title="Token entropy (eq. 3)")
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7, ncol=2)
+            ax2.plot(k["layer"], k["value"], linestyle=styles[j % len(styles)], color=colours[c])
+    ax1.set(xlabel="LLM layer", ylabel="attention mass on image tokens", ylim=(0, 1.02),
+            title="eq. 2 (solid): all tokens; eq. 1 (dashed): LISA's mask token")
+    ax2.set(xlabel="LLM layer (its input)", ylabel="sum over channels of log std", title="Token entropy (eq. 3)")
+    ax1.legend([Line2D([], [], color=colours[j % len(colours)]) for j in range(len(methods))], methods,
+               fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    handles = [Line2D([], [], color=colours[c]) for c in range(len(kinds))] + \
+        [Line2D([], [], color="grey", linestyle=styles[j % len(styles)]) for j in range(len(methods))]
+    ax2.legend(handles, [*kinds, *methods], fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
