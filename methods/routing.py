@@ -83,7 +83,8 @@ class TokenRouting(Method):
         gate_width: d_g, the width of a learned gate MLP (the paper's 512); for analytic FLOPs of the paper's design
             on a named architecture only (a learned gate needs weights this variant does not have).
         adapter: the calibrated variant: a file from `segprune calibrate routing` with learned W_q, W_k and gate MLP
-            per layer (they replace alpha, d_p, gate and gate_width).
+            per layer (they replace alpha, d_p, gate and gate_width). The resolved spec names it "PATH#<sha256[:12]>",
+            so a run made with one adapter refuses to resume with another at the same path.
         seed: seed of the proxy draws (per sample and layer) and of the random projection.
     """
 
@@ -94,7 +95,10 @@ class TokenRouting(Method):
     exact_reference = False  # changes the FFN of image tokens: checked against a plain-torch eq. 9-12 instead
     deviations = ("training-free: alpha from a fixed projection (alpha=random: a seeded Gaussian projection, "
                   "alpha=attn: the layer's own q/k) instead of learned W_q, W_k, and a constant gate instead of "
-                  "sigma(MLP(v)); phi in eq. 9 is the identity (the paper does not define it); the model was not "
+                  "sigma(MLP(v)); alpha and the gate read the FFN's normalised input (post_attention_layernorm(h)), "
+                  "where eq. 10 and 12 write v; phi in eq. 9 is the identity (the paper does not define it); "
+                  "mask_layer counts skipped layers from 0 (the paper's 1-based L_mask=13 is mask_layer=12, "
+                  "Table 5's L=6 and L=18 are 5 and 17); the model was not "
                   "trained with routing (the paper trains the whole LLM with it); LISA's mask tokens are its answer "
                   "tokens (mask_tokens=answer) or the [SEG]-predicting token too (carrier), see the docstring")
 
@@ -114,10 +118,10 @@ class TokenRouting(Method):
             raise ValueError(f"routing: gate_width must be >= 0, got {gate_width}")
         self.mask_layer, self.mask_tokens, self.image, self.proxies = mask_layer, mask_tokens, image, proxies
         self.alpha, self.d_p, self.gate, self.gate_width, self.seed = alpha, d_p, gate, gate_width, seed
-        self.adapter = adapter
         if adapter is not None and (alpha, d_p, gate, gate_width) != ("random", 128, 0.94, 0):
             raise ValueError("routing: an adapter brings its own W_q, W_k and gate MLP; drop alpha, d_p, gate and "
                              "gate_width")
+        self.adapter = None if adapter is None else adapter_identity(adapter)
         self._l_mask = 0
         self._projections: dict[tuple, Tensor] = {}
         self._adapter: Adapter | None = None
@@ -128,7 +132,7 @@ class TokenRouting(Method):
             raise ValueError(f"routing: mask_layer={self._l_mask} is beyond the model's {info.n_layers} layers; use "
                              f"0..{info.n_layers - 1}")
         if self.adapter is not None:
-            self._adapter = Adapter.load(self.adapter, info)
+            self._adapter = Adapter.cached(self.adapter, info)
         if self.gate_width and info.weights:
             raise ValueError("routing: gate_width is the learned gate MLP of the paper's trained model; this "
                              "training-free variant has a constant gate (drop gate_width, or use it with "
@@ -199,7 +203,7 @@ class TokenRouting(Method):
             return (q @ k.T / math.sqrt(self.d_p)).softmax(-1)
         layer = ctx.model.language_model.layers[i]
         attn = layer.self_attn
-        z = layer.input_layernorm(hidden)  # what this layer's q/k projections were trained on
+        z = layer.input_layernorm(hidden)  # the norm q/k expect, applied to the residual stream after attention
         hd = attn.head_dim
         q = attn.q_proj(z[:, rest]).view(1, len(rest), -1, hd).transpose(1, 2)  # (1, Hq, r, hd)
         k = repeat_kv(attn.k_proj(z[:, proxies]).view(1, len(proxies), -1, hd).transpose(1, 2),
@@ -238,7 +242,7 @@ class TokenRouting(Method):
         return scores + [(r, s, d)] + gate
 
     def check_data(self, dataset: str, split: str) -> None:
-        if self._adapter is not None and self._adapter.calibrated_on == f"{dataset}:{split}":
+        if self._adapter is not None and self._adapter.calibrated_on == canonical_data(f"{dataset}:{split}"):
             raise ValueError(f"routing: the adapter {self.adapter} was calibrated on {dataset}:{split}; evaluate it on "
                              f"another split, or calibrate on one you do not evaluate (e.g. train)")
 
@@ -261,13 +265,15 @@ class TokenRouting(Method):
         fixed = {**fixed, "image": fixed.get("image", "proxy")}
         if fixed["image"] == "full":
             raise ValueError("routing: a budget is met with proxies, which image=full turns off; drop image=full")
-        best = min((cls(**fixed, proxies=s) for s in range(1, n + 1)),
-                   key=lambda m: abs(m.budget_n_avg(info) - n_avg))
+        candidates = [cls(**fixed, proxies=s) for s in range(1, n + 1)]
+        for m in candidates:
+            m.bind(info)  # an adapter's d_p, d_g count in the light path
+        best = min(candidates, key=lambda m: abs(m.budget_n_avg(info) - n_avg))
         if abs(best.budget_n_avg(info) - n_avg) > BUDGET_TOLERANCE * n:
-            lowest = cls(**fixed, proxies=1).budget_n_avg(info)
+            lowest, highest = candidates[0].budget_n_avg(info), candidates[-1].budget_n_avg(info)
             raise ValueError(f"routing: N_avg {n_avg:.1f} ({1 - n_avg / n:.0%} reduction) is out of reach; with "
-                             f"these settings routing reaches {1 - cls(**fixed, proxies=n).budget_n_avg(info) / n:.0%}"
-                             f" to {1 - lowest / n:.0%} (one proxy per layer)")
+                             f"these settings routing reaches {1 - highest / n:.0%} to {1 - lowest / n:.0%} (one "
+                             f"proxy per layer)")
         return best
 
     # -- analytic plan ------------------------------------------------------------------------------------------
@@ -300,14 +306,15 @@ class Adapter(nn.Module):
                  gate: float = 0.94):
         super().__init__()
         self.d_p, self.d_g = d_p, d_g
-        start = projection if projection is not None else torch.randn(d, d_p) / math.sqrt(d)
+        start = projection if projection is not None and projection.shape == (d, d_p) else torch.empty(d, d_p)
         self.w_q = nn.ParameterList(nn.Parameter(start.clone()) for _ in range(n_layers))
         self.w_k = nn.ParameterList(nn.Parameter(start.clone()) for _ in range(n_layers))
         self.gates = nn.ModuleList(nn.Sequential(nn.Linear(d, d_g), nn.GELU(), nn.Linear(d_g, d))
                                    for _ in range(n_layers))
         for g in self.gates:
-            nn.init.zeros_(g[2].weight)
-            nn.init.constant_(g[2].bias, math.log(gate / (1 - gate)))  # sigmoid(bias) = the constant gate
+            if not g[2].weight.is_meta:  # (built on the meta device only to be loaded)
+                nn.init.zeros_(g[2].weight)
+                nn.init.constant_(g[2].bias, math.log(gate / (1 - gate)))  # sigmoid(bias) = the constant gate
         self.calibrated_on = ""
 
     def _on(self, x: Tensor) -> None:
@@ -337,26 +344,72 @@ class Adapter(nn.Module):
         os.replace(tmp, path)
 
     @classmethod
+    def cached(cls, identity: str, info: ModelInfo) -> Adapter:
+        """The adapter `identity` ("PATH#sha") for a model shape, read once per process (`bind` runs per sample)."""
+        key = (identity, info.n_layers, info.hidden_size)
+        if key not in _ADAPTERS:
+            _ADAPTERS[key] = cls.load(identity.rpartition("#")[0] or identity, info)
+        return _ADAPTERS[key]
+
+    @classmethod
     def load(cls, path: str | os.PathLike, info: ModelInfo) -> Adapter:
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"routing: adapter {path} not found; make one with `segprune calibrate routing`")
+        bad = f"routing: {path} is not a routing adapter of `segprune calibrate routing`"
         try:
             with safe_open(path, "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("segprune", "{}"))
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, json.JSONDecodeError, OSError) as err:
-            raise ValueError(f"routing: {path} is not a routing adapter ({err}); calibrate again") from None
+            raise ValueError(f"{bad} ({err}); calibrate again") from None
+        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("layers", "hidden_size",
+                                                                                          "d_p", "d_g")):
+            raise ValueError(f"{bad} (no layers, hidden_size, d_p, d_g in its metadata); calibrate again")
         want = (info.n_layers, info.hidden_size)
-        if (meta.get("layers"), meta.get("hidden_size")) != want:
-            raise ValueError(f"routing: {path} was calibrated for {meta.get('layers')} layers of width "
-                             f"{meta.get('hidden_size')}, the model has {want[0]} of width {want[1]}; calibrate on it")
-        adapter = cls(info.n_layers, info.hidden_size, int(meta["d_p"]), int(meta["d_g"]))
-        adapter.load_state_dict(state)
-        adapter.calibrated_on = meta.get("data", "")
+        if (meta["layers"], meta["hidden_size"]) != want:
+            raise ValueError(f"routing: {path} was calibrated for {meta['layers']} layers of width "
+                             f"{meta['hidden_size']}, the model has {want[0]} of width {want[1]}; calibrate on it")
+        with torch.device("meta"):
+            adapter = cls(info.n_layers, info.hidden_size, meta["d_p"], meta["d_g"], torch.zeros(1, 1))
+        try:
+            adapter.load_state_dict(state, assign=True)
+        except RuntimeError as err:
+            raise ValueError(f"{bad} (its tensors do not fit its metadata: {str(err).splitlines()[0]}); calibrate "
+                             f"again") from None
+        adapter.calibrated_on = canonical_data(str(meta.get("data", "")))
         return adapter.requires_grad_(False)
+
+
+_ADAPTERS: dict[tuple[str, int, int], Adapter] = {}
+
+
+def adapter_identity(path: str) -> str:
+    """"PATH#<sha256[:12]>" for an adapter file (or check that "PATH#sha" still names the same content)."""
+    import hashlib
+
+    file, _, want = path.rpartition("#") if "#" in path else (path, "", "")
+    if not Path(file).is_file():
+        raise ValueError(f"routing: adapter {file} not found; make one with `segprune calibrate routing`")
+    with open(file, "rb") as f:
+        got = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    if want and want != got:
+        raise ValueError(f"routing: {file} changed since this spec was resolved (sha256 {got}, not {want}); use a new "
+                         f"run folder for the new adapter")
+    return f"{file}#{got}"
+
+
+def canonical_data(data: str) -> str:
+    """"dataset:split" with the dataset's registered name (aliases resolved), for comparing calibration splits."""
+    from harness.datasets import DATASETS
+
+    name, _, split = data.partition(":")
+    try:
+        return f"{DATASETS.canonical(name)}:{split}"
+    except ValueError:
+        return data
 
 
 class _Collector(Method):
@@ -432,7 +485,7 @@ def calibrate(model, samples: list, *, data: str, proxies: int | None = None, d_
             if progress:
                 progress(1)
     after = held_out()
-    adapter.calibrated_on = data
+    adapter.calibrated_on = data = canonical_data(data)
     provenance = {"model": model.config.name, "fingerprint": model.fingerprint(), "data": data,
                   "train_samples": len(train), "held_out_samples": len(held), "epochs": epochs, "lr": lr,
                   "seed": seed, "proxies": n_s, "d_p": d_p, "d_g": d_g, "layers": info.n_layers,

@@ -256,3 +256,37 @@ def test_an_uncalibrated_adapter_is_the_training_free_variant(tiny, image, tmp_p
     adapter.save(tmp_path / "a.safetensors", {"layers": 8, "hidden_size": 256, "d_p": 128, "d_g": 16, "data": "x"})
     ours = tiny.segment(image, QUERY, f"routing:adapter={tmp_path / 'a.safetensors'}")
     assert (ours.seg_hidden - tiny.segment(image, QUERY, "routing").seg_hidden).abs().max() <= TOL
+
+
+def test_adapter_identity_cache_and_bad_files(tiny, image, adapter_file, tmp_path, monkeypatch):
+    import shutil
+
+    from harness.methods.routing import Adapter, canonical_data
+
+    path, _ = adapter_file
+    copy = tmp_path / "a.safetensors"
+    shutil.copy(path, copy)
+    m = harness.create_method(f"routing:adapter={copy}")
+    assert m.adapter.startswith(f"{copy}#") and harness.create_method(m.spec()).spec() == m.spec()
+    loads = []
+    real = Adapter.load.__func__
+    monkeypatch.setattr(Adapter, "load", classmethod(lambda cls, p, info: loads.append(p) or real(cls, p, info)))
+    for key in ("s1", "s2", "s3"):
+        tiny.segment(image, QUERY, m, sample_key=key)
+    assert len(loads) == 1  # read once per process, not per sample
+    copy.write_bytes(copy.read_bytes() + b" ")  # recalibrated into the same path
+    with pytest.raises(ValueError, match="changed since this spec was resolved"):
+        harness.create_method(m.spec())
+    from safetensors.torch import save_file
+
+    cases = {"no metadata": ({}, "no layers, hidden_size, d_p, d_g"),
+             "other model": ({"segprune": '{"layers": 4, "hidden_size": 256, "d_p": 16, "d_g": 16}'},
+                             "calibrated for 4 layers of width 256, the model has 8"),
+             "wrong tensors": ({"segprune": '{"layers": 8, "hidden_size": 256, "d_p": 16, "d_g": 16}'},
+                               "its tensors do not fit its metadata")}
+    for name, (meta, message) in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        save_file({"x": torch.zeros(2)}, bad, metadata=meta)
+        with pytest.raises(ValueError, match=message):
+            tiny.segment(image, QUERY, f"routing:adapter={bad}")
+    assert canonical_data("shapes:train") == canonical_data("shapes-ref:train")  # an alias cannot dodge the refusal
