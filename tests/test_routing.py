@@ -14,8 +14,8 @@ import harness
 from harness.cli import main
 from harness.flops import Arch, compute_flops, schedule_ledger
 from harness.latency import Stopwatch
-from harness.state import Kind
 from harness.methods.routing import TokenRouting
+from harness.state import Kind
 from tests.conftest import QUERY
 from tests.reference import Recorder, assembled_sequence, masked_reference
 
@@ -72,10 +72,14 @@ def routed_reference(model, image, spy: Spy, alpha: str, gate: float, d_p: int =
         return hook
 
     for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(
-            lambda mod, args, kwargs, i=i: inputs.__setitem__(i, kwargs.get("hidden_states", args[0] if args else None)),
-            with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_hook(lambda mod, args, out, i=i: attn_out.__setitem__(i, out[0])))
+        def keep_input(mod, args, kwargs, i=i):
+            inputs[i] = kwargs.get("hidden_states", args[0] if args else None)
+
+        def keep_attention(mod, args, out, i=i):
+            attn_out[i] = out[0]
+
+        handles.append(layer.register_forward_pre_hook(keep_input, with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(keep_attention))
         handles.append(layer.mlp.register_forward_hook(mlp_hook(i)))
     try:
         with torch.inference_mode():
