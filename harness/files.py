@@ -53,10 +53,16 @@ def sync_folder(folder: str | os.PathLike) -> None:
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """fsync one file or folder (a folder: the names in it, such as a rename into it)."""
+    """fsync one file or folder (a folder: the names in it, such as a rename into it). Some network and FUSE file
+    systems cannot fsync a folder (EINVAL, ENOTSUP, EBADF): that is skipped, files are always synced."""
+    import errno
+
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if not (Path(path).is_dir() and err.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 

@@ -38,8 +38,11 @@ def load_model(name_or_path: str | os.PathLike = "random:tiny", *, device: str |
     path = Path(name)
     if path.is_dir():
         if is_lisa_folder(path):  # a released LISA checkpoint: converted once into the cache, with its CLIP
-            clip = lisa_clip(path)
-            path = converted(path, functools.partial(convert_lisa, clip=clip), inputs=[clip])
+            try:
+                clip = lisa_clip(path)
+            except ValueError:
+                clip = None  # gone since: an earlier conversion still serves (else convert_lisa says what is missing)
+            path = converted(path, functools.partial(convert_lisa, clip=clip), inputs=None if clip is None else [clip])
         elif is_llava_folder(path):  # a transformers-layout LLaVA-1.5: a plain MLLM, converted once
             path = converted(path, convert_llava)
         return SegModel.from_pretrained(path, device=device, dtype=dtype, attn_implementation=attn_implementation)

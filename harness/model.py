@@ -302,6 +302,11 @@ class SegModel(nn.Module):
             raise ValueError(f"{folder} is not a segprune model folder (expected segprune.json, model.safetensors "
                              f"and tokenizer files; LISA checkpoints must be converted first: segprune convert lisa)")
         cfg = SegModelConfig(**read_json(folder / "segprune.json", "convert or copy the model folder again"))
+        if (folder / "convert.json").is_file():
+            made = read_json(folder / "convert.json", "convert the checkpoint again")
+            if made.get("format") == "llava" and made.get("converter", 1) < 2:
+                raise ValueError(f"{folder} was converted by an older segprune whose LLaVA tokenizer put '▁' before "
+                                 f"[SEG]; convert the LLaVA folder again (segprune convert llava)")
         tok = PreTrainedTokenizerFast.from_pretrained(folder)
         if Path(f"{folder / 'model.safetensors'}.sha256").is_file():  # a bundled model, or a copy of one
             verify_checksum(folder / "model.safetensors", "copy the folder again, or retrain it")
@@ -309,8 +314,9 @@ class SegModel(nn.Module):
         with torch.device("meta"):
             model = cls(cfg, tok, attn_implementation)
         state = {}
-        for path in find_checkpoint(folder, "model folder").files:
-            for k, v in load_file(path, device).items():
+        recover = "convert or copy the model folder again"
+        for path in find_checkpoint(folder, "model folder", recover).files:
+            for k, v in load_file(path, device, recover).items():
                 state[k] = v.to(dtype) if v.is_floating_point() else v
         groups: dict[int, list[str]] = {}
         for k, v in model.state_dict(keep_vars=True).items():

@@ -224,6 +224,8 @@ REFUSALS = {
                         "pytorch_model-00001-of-00002.bin is a Git LFS pointer, not the file itself"),
     "tokenizer.model a pointer": (lambda f: (f / "tokenizer.model").write_text(LFS_POINTER),
                                   "tokenizer.model is a Git LFS pointer"),
+    "tokenizer.model corrupt": (lambda f: (f / "tokenizer.model").write_bytes(b"\x00garbage" * 50),
+                                "tokenizer.model is not a sentencepiece model"),
     "random bytes": (lambda f: (f / "pytorch_model-00001-of-00002.bin").write_bytes(bytes(range(7, 250)) * 40),
                      "is not a PyTorch checkpoint (neither torch.save's zip nor a pickle)"),
     "truncated shard": (lambda f: _truncate(f / "pytorch_model-00001-of-00002.bin"),
@@ -296,7 +298,7 @@ def test_missing_clip_names_the_fixes(fabricated, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache
     monkeypatch.delenv("SEGPRUNE_CLIP", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    with pytest.raises(ValueError, match="not in the local Hugging Face cache.*--clip DIR"):
+    with pytest.raises(ValueError, match="nor in the local Hugging Face cache; download it once.*--clip DIR"):
         convert_lisa(src, tmp_path / "out")
 
 
@@ -323,6 +325,19 @@ def test_cli_converts_and_runs_and_model_converts_on_first_use(fabricated, tmp_p
     assert len([p for p in (tmp_path / "cache" / "converted").iterdir() if not p.name.startswith(".")]) == 2
     assert third.fingerprint() != first.fingerprint()
     assert json.loads((out / "convert.json").read_text())["converter"] == CONVERTER_VERSION
+    # the CLIP gone since (no $SEGPRUNE_CLIP, the config's local tower moved away): the cached conversion still loads
+    monkeypatch.delenv("SEGPRUNE_CLIP")
+    moved = clip.with_name(clip.name + "-moved")
+    clip.rename(moved)
+    try:
+        assert load_model(src).sam is not None
+        with pytest.raises(ValueError, match="is neither a local folder nor in the local Hugging Face cache"):
+            convert_lisa(src, tmp_path / "again")
+    finally:
+        moved.rename(clip)
+    monkeypatch.setenv("SEGPRUNE_CLIP", str(tmp_path / "no-such-clip"))
+    with pytest.raises(ValueError, match=r"no-such-clip \(\$SEGPRUNE_CLIP\) does not exist"):
+        convert_lisa(src, tmp_path / "again")
 
 
 def test_two_converters_into_one_folder(fabricated, tmp_path):
@@ -358,3 +373,26 @@ def test_shards_are_read_one_at_a_time(fabricated, monkeypatch):
         refs += [weakref.ref(t) for t in state.values()]
         del state
     assert len(alive_at_read) == 2 and alive_at_read == [0, 0]
+
+
+def test_a_converter_that_finished_while_we_waited_is_not_overwritten(fabricated, tmp_path, monkeypatch):
+    """The destination is checked under the lock: another converter may have renamed its stage into place between
+    our first look and taking the lock."""
+    import contextlib
+
+    from harness import files
+
+    src, clip, _, _ = fabricated["lisa-7b-v1"]
+    real = files.exclusive
+
+    @contextlib.contextmanager
+    def late(path, *, wait):
+        with real(path, wait=wait):
+            (tmp_path / "out").mkdir()  # the other converter's result appears just before we hold the lock
+            (tmp_path / "out" / "segprune.json").write_text("{}")
+            yield
+
+    monkeypatch.setattr(files, "exclusive", late)
+    with pytest.raises(ValueError, match="out exists; remove it or choose another destination"):
+        convert_lisa(src, tmp_path / "out", clip=clip)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["segprune.json"]

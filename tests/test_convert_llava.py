@@ -149,3 +149,11 @@ def test_refuses_a_folder_without_the_sentencepiece_model(llava, tmp_path):
     (src / "tokenizer.model").unlink()
     with pytest.raises(ValueError, match="lacks tokenizer.model"):
         convert_llava(src, tmp_path / "out")
+
+
+def test_a_folder_converted_by_an_older_segprune_is_refused(llava, tmp_path):
+    out = convert_llava(llava / "llava-1.5-hf", tmp_path / "out")
+    made = json.loads((out / "convert.json").read_text())
+    (out / "convert.json").write_text(json.dumps({**made, "converter": 1}))
+    with pytest.raises(ValueError, match="converted by an older segprune.*convert the LLaVA folder again"):
+        load_model(out)

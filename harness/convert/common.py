@@ -148,10 +148,10 @@ def staged(dst: Path) -> Iterator[Path]:
                 yield stage
                 sync_folder(stage)  # the data is on disk before the rename makes the folder visible
                 os.replace(stage, dst)
-                fsync_path(dst.parent)
             except BaseException:
                 shutil.rmtree(stage, ignore_errors=True)
                 raise
+            fsync_path(dst.parent)  # dst is complete: a failure here must not look like a lost conversion
     except Busy as busy:
         raise ValueError(f"another process (pid {busy.holder}) is converting into {dst}; wait for it") from None
 
@@ -175,23 +175,33 @@ def progress_bar(desc: str, enabled: bool = True) -> tqdm:
                 leave=False)
 
 
-def converted(src: str | os.PathLike, convert: Callable[..., Path], *, inputs: list[Path] = (),
+def converted(src: str | os.PathLike, convert: Callable[..., Path], *, inputs: list[Path] | None = (),
               progress: bool = True) -> Path:
     """The segprune folder of the checkpoint folder `src` in the cache ($SEGPRUNE_CACHE/converted), made by
-    `convert(src, dst, progress=bar)` on first use (one process converts, others wait for it). Keyed by the converter
-    version and the names, sizes and times of the files of `src` and of the other `inputs` folders (LISA's CLIP)."""
+    `convert(src, dst, progress=bar)` on first use (one process converts, others wait for it).
+
+    Keyed by the converter version and the names, sizes and times of the files of `src`, then of the other `inputs`
+    folders (LISA's CLIP). `inputs=None` means they cannot be found now: a folder converted from this source before
+    is used (the newest), and only if there is none is the error of finding them raised, by `convert`.
+    """
     import hashlib
 
     from harness.datasets.shapes import cache_dir
     from harness.files import exclusive
 
+    def stamp(folder: Path) -> str:
+        files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()]
+        return hashlib.sha256(json.dumps([str(folder), files]).encode()).hexdigest()[:12]
+
     src = Path(src).resolve()
-    stamps = [[str(folder), [(f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                             for f in sorted(folder.iterdir()) if f.is_file()]]
-              for folder in (src, *(Path(i).resolve() for i in inputs))]
-    key = hashlib.sha256(json.dumps([CONVERTER_VERSION, stamps]).encode()).hexdigest()[:12]
     root = cache_dir() / "converted"
-    dst = root / f"{src.name}-{key}"
+    base = f"{src.name}-{hashlib.sha256(f'{CONVERTER_VERSION}:{stamp(src)}'.encode()).hexdigest()[:12]}"
+    if inputs is None:
+        done = sorted(root.glob(f"{base}*/segprune.json"), key=lambda f: f.stat().st_mtime)
+        if done:
+            return done[-1].parent
+        inputs = []
+    dst = root / "-".join([base, *(stamp(Path(i).resolve()) for i in inputs)])
     if (dst / "segprune.json").is_file():
         return dst
     root.mkdir(parents=True, exist_ok=True)

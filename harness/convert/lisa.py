@@ -212,19 +212,24 @@ def lisa_clip(src: Path) -> Path:
 def find_clip(tower: str, clip: str | os.PathLike | None) -> Path:
     """The CLIP folder: `clip` if given, else $SEGPRUNE_CLIP, else `tower` as a local path, else its snapshot in the
     Hugging Face cache (where LISA's own code put it). Never downloads."""
-    clip = clip or os.environ.get("SEGPRUNE_CLIP")
-    if clip:
-        return Path(clip)
+    given = clip or os.environ.get("SEGPRUNE_CLIP")
+    if given:
+        if not Path(given).is_dir():
+            where = "--clip" if clip else "$SEGPRUNE_CLIP"
+            raise ValueError(f"the CLIP folder {given} ({where}) does not exist; point it at a local copy of {tower}")
+        return Path(given)
     if Path(tower).is_dir():
         return Path(tower)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    get = "copy it back" if tower.startswith(("/", ".", "~")) else f"download it once (hf download {tower})"
     try:
         return Path(snapshot_download(tower, local_files_only=True))
     except (LocalEntryNotFoundError, ValueError, OSError):
-        raise ValueError(f"LISA checkpoints carry no CLIP weights and {tower} is not in the local Hugging Face cache; "
-                         f"download it once (hf download {tower}) or pass --clip DIR") from None
+        raise ValueError(f"LISA checkpoints carry no CLIP weights and {tower} is neither a local folder nor in the "
+                         f"local Hugging Face cache; {get}, or name a copy with --clip DIR (segprune convert) or "
+                         f"$SEGPRUNE_CLIP") from None
 
 
 # -- conversion ----------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ class Checkpoint:
         return None
 
 
-def find_checkpoint(folder: str | os.PathLike, what: str = "checkpoint") -> Checkpoint:
+def find_checkpoint(folder: str | os.PathLike, what: str = "checkpoint", recover: str = "") -> Checkpoint:
     """The weight files of `folder`; safetensors preferred where a folder has both formats (as transformers does)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -61,14 +61,14 @@ def find_checkpoint(folder: str | os.PathLike, what: str = "checkpoint") -> Chec
     for name in INDEXES:
         path = folder / name
         if path.is_file():
-            index = read_json(path, "download it again").get("weight_map")
+            index = read_json(path, recover or "download it again").get("weight_map")
             if not isinstance(index, dict) or not all(isinstance(v, str) for v in index.values()):
                 raise ValueError(f"{path} is not a shard index (expected a weight_map of tensor name -> file); "
-                                 f"download it again")
+                                 f"{recover or 'download it again'}")
             files = [folder / f for f in dict.fromkeys(index.values())]
             for f in files:
                 if not f.is_file():
-                    raise ValueError(f"{f} is missing (named by {name}); download the whole {what}")
+                    raise ValueError(f"{f} is missing (named by {name}); {recover or f'download the whole {what}'}")
             return Checkpoint(folder, files, index)
     for name in SINGLES:
         if (folder / name).is_file():
@@ -77,8 +77,9 @@ def find_checkpoint(folder: str | os.PathLike, what: str = "checkpoint") -> Chec
                      f"{' / '.join(INDEXES)})")
 
 
-def load_file(path: Path, device: str = "cpu") -> dict[str, Tensor]:
-    """All tensors of one weights file, on `device`; a `.bin` through the weights-only unpickler, memory-mapped."""
+def load_file(path: Path, device: str = "cpu", recover: str = "download it again") -> dict[str, Tensor]:
+    """All tensors of one weights file, on `device`; a `.bin` through the weights-only unpickler, memory-mapped.
+    `recover` ends the error of a damaged file (how to get a good one)."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
@@ -86,7 +87,7 @@ def load_file(path: Path, device: str = "cpu") -> dict[str, Tensor]:
         try:
             return load_safetensors(path, device=device)
         except SafetensorError as err:
-            raise ValueError(f"{path} is not a readable safetensors file ({err}); download it again") from None
+            raise ValueError(f"{path} is not a readable safetensors file ({err}); {recover}") from None
     refuse_lfs_pointer(path)
     with open(path, "rb") as f:
         head = f.read(4)
@@ -98,20 +99,31 @@ def load_file(path: Path, device: str = "cpu") -> dict[str, Tensor]:
         state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the first global it refused
-        if not found and "Unsupported operand" in str(err):  # the unpickler met bytes that are no pickle opcode
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt pickle); download it "
-                             f"again") from None
+        if not found and "Unsupported operand" in str(err) or found and not _importable(found.group(1)):
+            # bytes that are no pickle opcode, or a "global" no module has: damage, not code
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt pickle); {recover}") from None
         what = f"it references {found.group(1)}" if found else "the weights-only unpickler refused it"
         raise ValueError(f"{path} needs more than tensors to unpickle ({what}); segprune reads only plain "
                          f"tensor checkpoints, never arbitrary pickled code") from None
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - a damaged file fails inside torch.load in many ways; all mean the same
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); download it "
-                         f"again") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err}); "
+                         f"{recover}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # some training scripts wrap the weights
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict of tensors")
     return state
+
+
+def _importable(name: str) -> bool:
+    """False for a dotted global whose module is loaded but has no such attribute: a damaged name
+    (torch.FloatStGrage), not code from another package."""
+    import sys
+
+    module, _, attr = name.rpartition(".")
+    return module not in sys.modules or hasattr(sys.modules[module], attr)
 
 
 def iter_shards(ckpt: Checkpoint) -> Iterator[tuple[Path, dict[str, Tensor]]]:

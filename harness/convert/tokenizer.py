@@ -78,8 +78,15 @@ def llava_tokenizer(folder: str | Path, *, add_seg: bool) -> PreTrainedTokenizer
 def legacy_llama(model_file: Path, added: dict[str, int], folder: Path) -> PreTrainedTokenizerFast:
     """LLaMA's sentencepiece `model_file` with 4.31's legacy slow-tokenizer rules and the `added` tokens (token -> id,
     which must follow the sentencepiece vocabulary in order); `folder` names the files in errors."""
+    import sentencepiece
     from transformers import LlamaTokenizer
 
+    try:
+        if sentencepiece.SentencePieceProcessor(model_file=str(model_file)).get_piece_size() < 3:
+            raise RuntimeError("no pieces")
+    except (RuntimeError, OSError) as err:  # (transformers would fall back to reading it as tiktoken)
+        raise ValueError(f"{model_file} is not a sentencepiece model ({str(err).splitlines()[0]}); download it "
+                         f"again") from None
     with tempfile.TemporaryDirectory() as tmp:  # the sentencepiece model alone: never a tokenizer.json beside it
         shutil.copyfile(model_file, Path(tmp) / "tokenizer.model")
         tok = LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True, add_eos_token=False)
