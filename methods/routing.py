@@ -384,6 +384,7 @@ class Adapter(nn.Module):
 
 
 _ADAPTERS: dict[tuple[str, int, int], Adapter] = {}
+_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def adapter_identity(path: str) -> str:
@@ -393,8 +394,12 @@ def adapter_identity(path: str) -> str:
     file, _, want = path.rpartition("#") if "#" in path else (path, "", "")
     if not Path(file).is_file():
         raise ValueError(f"routing: adapter {file} not found; make one with `segprune calibrate routing`")
-    with open(file, "rb") as f:
-        got = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    st = Path(file).stat()
+    key = (str(Path(file).resolve()), st.st_size, st.st_mtime_ns)  # hashed once (a budget builds N candidates)
+    if key not in _DIGESTS:
+        with open(file, "rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()[:12]
+    got = _DIGESTS[key]
     if want and want != got:
         raise ValueError(f"routing: {file} changed since this spec was resolved (sha256 {got}, not {want}); use a new "
                          f"run folder for the new adapter")
