@@ -69,10 +69,23 @@ class Context:
     watch: Stopwatch = field(default_factory=Stopwatch)
     image: Any = None  # the input image (path, array or PIL), for methods that run their own model on it
     instances: Any = None  # the dataset's instance masks of the image, (K, H, W) bool, or a callable giving them
+    prepared: Prepared | None = None  # the image after both preprocessing branches
+    image_embeddings: Tensor | None = None  # SAM's image embedding, once computed (or given by the runner's cache)
 
     def overhead(self):
         """Context manager charging the enclosed scoring work's time to the "method" stage."""
         return self.watch("method")
+
+    def sam_embeddings(self) -> Tensor:
+        """SAM's image embedding of the input image (1, C, h, w): the one the mask decoder uses, computed now in the
+        "sam_encoder" stage if nobody has yet (a method that prompts SAM itself, the superpixel projector, shares the
+        model's own encoder pass, as SVP does)."""
+        if self.model.sam is None:
+            raise ValueError("this model has no SAM; a method that needs SAM's image embedding cannot run on it")
+        if self.image_embeddings is None:
+            with self.watch("sam_encoder"):
+                self.image_embeddings = self.model.sam_image_embeddings(self.prepared.sam_pixels)
+        return self.image_embeddings
 
     def positions(self, state: TokenState) -> Tensor:
         """RoPE position ids of the rows under the method's policy."""
@@ -339,6 +352,7 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
                   position_policy=method.position_policy, watch=watch, image=image, instances=instances)
     with torch.inference_mode():
         prep = prepared if prepared is not None else model.prepare(image)
+        ctx.prepared, ctx.image_embeddings = prep, image_embeddings
         with watch("vision"):
             feats = run_vision(model, prep.clip_pixels, ledger)
         with watch("method"):
@@ -360,10 +374,8 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
                 answer, seg_hidden = greedy_decode(model, state, cache, ctx, max_new_tokens)
         logits = mask = None
         if model.sam is not None:
-            with watch("sam_encoder"):  # LISA's evaluate runs it whether or not [SEG] was generated
-                if image_embeddings is None:
-                    image_embeddings = model.sam_image_embeddings(prep.sam_pixels)
-                ledger.sam_images = 1
+            image_embeddings = ctx.sam_embeddings()  # LISA's evaluate runs it whether or not [SEG] was generated
+            ledger.sam_images = 1
             if seg_hidden is None:  # no [SEG] in the answer: LISA returns no mask, scored as an empty one
                 mask = np.zeros(prep.original_size, dtype=bool)
             else:

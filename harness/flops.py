@@ -150,15 +150,17 @@ def sam_encoder_macs(arch: Arch) -> int:
     return total + tokens * dim * c + tokens * c * c * 9  # neck: 1x1 and 3x3 convs
 
 
-def mask_decoder_macs(arch: Arch, prompts: int) -> int:
-    """SAM two-way transformer decoder with one sparse token per prompt (LISA), plus LISA's text_hidden_fcs."""
+def sam_decoder_macs(arch: Arch, sparse: int = 1) -> int:
+    """One pass of SAM's two-way transformer decoder with `sparse` prompt tokens (LISA's [SEG] embedding: 1; a point
+    prompt: the point and the padding point SAM adds when no box is given, 2). Every mask token is decoded whatever
+    `multimask_output` keeps."""
     dec, pr = arch.sam["decoder"], arch.sam["prompt"]
     c, mlp = dec["hidden_size"], dec["mlp_dim"]
     ci = c // dec.get("attention_downsample_rate", 2)
     n_masks = dec.get("num_multimask_outputs", 3) + 1
     g = pr["image_embedding_size"]
     p = g * g
-    t = 1 + n_masks + 1  # iou token, mask tokens, the [SEG] prompt
+    t = 1 + n_masks + sparse  # iou token, mask tokens, the prompt tokens
 
     def cross(q: int, kv: int) -> int:
         return q * c * ci + 2 * kv * c * ci + q * ci * c + 2 * q * kv * ci
@@ -169,10 +171,21 @@ def mask_decoder_macs(arch: Arch, prompts: int) -> int:
     total += n_masks * (2 * c * c + c * (c // 8))  # hypernetwork MLPs
     total += n_masks * (c // 8) * 16 * p  # mask = hyper_in @ upscaled embedding
     ih, depth = dec.get("iou_head_hidden_dim", 256), dec.get("iou_head_depth", 3)
-    total += c * ih + (depth - 2) * ih * ih + ih * n_masks
+    return total + c * ih + (depth - 2) * ih * ih + ih * n_masks
+
+
+def mask_decoder_macs(arch: Arch, prompts: int) -> int:
+    """SAM's decoder with one sparse token per prompt (LISA), plus LISA's text_hidden_fcs."""
     d = arch.llm["hidden_size"]
-    fcs = d * d + d * (arch.seg_out_dim or c)
-    return prompts * (total + fcs)
+    fcs = d * d + d * (arch.seg_out_dim or arch.sam["decoder"]["hidden_size"])
+    return prompts * (sam_decoder_macs(arch, 1) + fcs)
+
+
+def point_prompt_macs(arch: Arch, prompts: int) -> int:
+    """SAM's prompt encoder and decoder for `prompts` single-point prompts (automatic mask generation): the random
+    Fourier code of the point and of the padding point (2 x 2 x num_pos_feats each), then a decoder pass."""
+    pos = arch.sam["vision"].get("num_pos_feats", arch.sam["prompt"]["hidden_size"] // 2)
+    return prompts * (2 * 2 * pos + sam_decoder_macs(arch, 2))
 
 
 def llm_flops(arch: Arch, layers: list[LayerRecord], convention: str = "exact") -> int:

@@ -76,6 +76,8 @@ class Method:
             sequence and uses the stock FFN, so that a pruned run must equal a full-length run whose attention
             mask hides the missing keys (checked by the battery).
         deviations: where and why the implementation deviates from the official code ("" if it does not).
+        in_default_grid: whether `segprune run` (the default grid) includes it; a method too slow for that run on a
+            CPU says so and keeps its figures in a `results/` grid of its own.
     """
 
     name: ClassVar[str] = ""
@@ -87,6 +89,7 @@ class Method:
     keep_all: ClassVar[dict[str, Any] | None] = None
     exact_reference: ClassVar[bool] = True
     deviations: ClassVar[str] = ""
+    in_default_grid: ClassVar[bool] = True
     budget_params: ClassVar[tuple[str, ...]] = ()  # the parameters `for_budget` solves for (cannot also be fixed)
 
     def bind(self, info: ModelInfo) -> None:

@@ -461,10 +461,12 @@ def cell_records(run_dir: str | Path, cell_id: str, n: int | None = None) -> lis
 
 
 def default_methods() -> list[str]:
-    """The default grid: every registered built-in method at its default parameters."""
+    """The default grid: every registered built-in method at its default parameters (except those that declare
+    themselves too slow for it: `Method.in_default_grid`)."""
     from harness.method import METHODS
 
-    return [name for name, cls in METHODS.items() if cls.__module__.startswith("harness.methods")]
+    return [name for name, cls in METHODS.items() if cls.__module__.startswith("harness.methods") and
+            cls.in_default_grid]
 
 
 def default_run_dir(base: str | Path = "runs") -> Path:

@@ -26,6 +26,17 @@ def patch_boxes(height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
     return boxes.reshape(-1, 4)
 
 
+def token_map(codes: list[int], members: dict[int, list[tuple[int, float]]], n_patches: int) -> np.ndarray:
+    """(N,) which token each patch belongs to most (its largest weight among the tokens' members; -1 for a patch no
+    token carries): the superpixel map as the LLM sees it, for methods whose tokens stand for several patches."""
+    owner, best = np.full(n_patches, -1), np.zeros(n_patches)
+    for t, code in enumerate(codes):
+        for p, w in (members[code] if code <= -2 else [(code, 1.0)] if code >= 0 else []):
+            if w > best[p]:
+                owner[p], best[p] = t, w
+    return owner
+
+
 def canonical_spec_or_none(spec: str) -> str | None:
     from harness.runner import canonical_spec
 
@@ -100,7 +111,8 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
         h, w = gt.shape
         n_layers = len(next(iter(recs[rows[0]["cell"]].values()))["image_tokens_per_layer"])
         per_row = [stages(recs[r["cell"]][sid]["kept_patches"], n_layers) for r in rows]
-        n_cols = 2 + max(len(p) for p in per_row)
+        merged = [any(c <= -2 for c in st[0][2]) for st in per_row]  # tokens standing for several patches
+        n_cols = 2 + any(merged) + max(len(p) for p in per_row)
         fig = Figure(figsize=(1.6 * n_cols, 1.7 * len(rows) + 0.3))
         axes = fig.subplots(len(rows), n_cols, squeeze=False)
         for ax in axes.flat:
@@ -120,8 +132,20 @@ def visualize(run_dir: str | Path, *, methods: list[str] | None = None, samples:
             axes[i, 1].imshow(image)
             axes[i, 1].imshow(np.ma.masked_where(~pred, pred), cmap="autumn", alpha=0.55, vmin=0, vmax=1)
             axes[i, 1].set_title(f"mask, IoU {rec['iou']:.2f}", fontsize=7)
+            if merged[i]:  # the map of what each token stands for (superpixels, merged or pooled tokens)
+                owner = token_map(row_stages[0][2], members, len(boxes)).reshape(grid).astype(float)
+                side = min(h, w)
+                top, left = (h - side) / 2, (w - side) / 2
+                ax = axes[i, 2]
+                ax.imshow(image)
+                ax.imshow(np.ma.masked_less(owner, 0), cmap="tab20", alpha=0.6, interpolation="nearest",
+                          extent=(left, left + side, top + side, top), vmin=0, vmax=max(owner.max(), 1))
+                ax.contour(gt, levels=[0.5], colors="lime", linewidths=0.6)
+                ax.set_xlim(0, w)
+                ax.set_ylim(h, 0)
+                ax.set_title(f"{len(row_stages[0][2])} token regions", fontsize=7)
             for k, (a, b, patches) in enumerate(row_stages):
-                ax = axes[i, 2 + k]
+                ax = axes[i, 2 + any(merged) + k]
                 ax.imshow(image)
                 carried = np.zeros(len(boxes))  # how much of each patch the stage's tokens carry (merged: a share)
                 for code in patches:

@@ -9,5 +9,6 @@ from harness.methods import (  # noqa: F401
     prumerge,
     routing,
     sparsevlm,
+    superpixel,
     visionzip,
 )

@@ -203,3 +203,12 @@ def test_viz_draws_one_png_per_sample(run, tmp_path):
     assert boxes[0].tolist() == [50, 0, 75, 25] and boxes[-1].tolist() == [125, 75, 150, 100]
     with pytest.raises(ValueError, match="no finished cell of fastv"):
         visualize(run, methods=["fastv"], out=tmp_path)
+
+
+def test_viz_adds_the_token_region_map_for_merged_tokens(run, tmp_path):
+    from harness.viz import token_map, visualize
+
+    paths = visualize(run, methods=["downsample"], limit=1, out=tmp_path)  # pooled 2x2 windows: merged tokens
+    assert len(paths) == 1 and paths[0].stat().st_size > 0
+    members = {-2: [(0, 1.0), (1, 1.0)], -3: [(1, 3.0), (2, 1.0)]}
+    assert token_map([-2, -3, 3], members, 5).tolist() == [0, 1, 1, 2, -1]  # patch 1: the larger weight wins
