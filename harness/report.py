@@ -269,7 +269,7 @@ def render_paper_table(frame: pd.DataFrame, notes: list[str], fmt: str = "markdo
              f"{BOOTSTRAP} bootstrap resamples of images; N_avg: image tokens per LLM layer (LVLM_CSP eq. 9); "
              "TFLOPs (exact): whole model incl. SAM and a method's own models; LLM TFLOPs (csp): LVLM_CSP eq. 11 "
              "(x2); LLM ms: per split the median over samples of the LLM stage plus the method's own scoring "
-             "or selection (an instance segmenter excluded), averaged over splits."), *notes]
+             "or selection (an instance segmenter or superpixel generator excluded), averaged over splits."), *notes]
     if fmt == "latex":
         return table + "\n" + "".join(f"% {line}\n" for line in foot)
     return table + "\n\n" + "\n".join(foot) + "\n"
