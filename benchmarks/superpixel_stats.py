@@ -64,7 +64,8 @@ def main() -> None:
         ax = fig.subplots()
         top = max(max(v) for v in counts.values())
         for spec in ("superpixel", "superpixel:source=slic,segments=12", "superpixel:source=oracle"):
-            ax.hist(counts[spec], bins=np.arange(0.5, top + 1.5), histtype="step", label=spec.replace("superpixel", "sp"))
+            ax.hist(counts[spec], bins=np.arange(0.5, top + 1.5), histtype="step",
+                    label=spec.replace("superpixel", "sp"))
         ax.set_xlabel("superpixels per image")
         ax.set_ylabel("images")
         ax.legend(fontsize=6)
