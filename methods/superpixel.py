@@ -22,12 +22,14 @@ Semantic superpixels (`sam`), FMA-WSSS pattern `l2_nmsf_s1_rsw3` (reference/meth
     paint    ascending (level, predicted IoU), later over earlier: whole > part > sub-part in overlaps
 
 Pixels no kept mask covers (FMA-WSSS leaves them unlabelled; SVP does not say): each connected region of them of
-at least `min_area` pixels is a superpixel of its own, smaller ones join the nearest superpixel. Every pixel of the
-image belongs to exactly one superpixel.
+at least `min_area` pixels is a superpixel of its own, smaller ones join the nearest superpixel. Pieces under
+`min_area` that painting cut off a superpixel (other than its largest piece) join the nearest one too. Every pixel
+of the image belongs to exactly one superpixel.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import numpy as np
@@ -83,13 +85,16 @@ class SuperpixelProjector(Method):
     keep_all = {"source": "grid", "cell": 1}
     exact_reference = False
     budget_params = ("count",)
-    in_default_grid = False  # SAM's automatic mask generation: ~0.9 s a query on 2 CPU cores (results/superpixel)
+    in_default_grid = False  # SAM's automatic mask generation: ~0.7 s a query on 2 CPU cores (results/superpixel)
     deviations = ("training-free baseline of SVP's Table 3 (average pooling through the model's own projector, CLIP "
                   "features, no SSPE/SSA); FMA-WSSS's second crop layer omitted (SVP reuses the one SAM encoder pass, "
                   "crops would need four more); SAM's outputs are given levels by their mean area over the image's "
                   "prompts (smallest = sub-part), which is SAM's own output order and also fits a SAM trained with "
-                  "another order (the bundled one); the point grid scales with the SAM's embedding size; pixels no "
-                  "mask covers become superpixels (regions >= min_area) or join the nearest one")
+                  "another order (the bundled one); the point grid scales with the SAM's embedding size; within a "
+                  "level, masks are painted in order of SAM's predicted IoU (FMA-WSSS's 'confidence'); pixels no "
+                  "mask covers become superpixels (regions >= min_area) or join the nearest one; pieces under "
+                  "min_area that painting cut off a superpixel join their nearest neighbour; superpixels inside one "
+                  "patch share one token")
 
     def __init__(self, source: Literal["sam", "slic", "oracle", "grid"] = "sam", count: int | None = None,
                  points: int | None = None, iou_thresh: float = 0.86, stability_thresh: float = 0.92,
@@ -131,12 +136,12 @@ class SuperpixelProjector(Method):
             with ctx.overhead():
                 cover = label_coverage(ctx.model, labels).to(feats.patches.device)
         with ctx.overhead():
-            cover = cover[cover.sum(1) > 0]  # superpixels outside CLIP's centre crop carry no patch
+            cover = single_patch_once(cover[cover.sum(1) > 0])  # outside CLIP's centre crop: no patch, no token
             x = feats.patches[0].float()  # (N, Dv)
             if self.count is not None and len(cover) > self.count:
                 cover = merge_smallest(cover, x, feats.grid, self.count, ctx)
             cover = cover[raster_order(cover, feats.grid)]
-            ctx.ledger.add_method_matmul(cover.shape[0], cover.shape[1], 1, times=2)  # the centroids
+            ctx.ledger.add_method_matmul(cover.shape[0], cover.shape[1], 2)  # the centroids
             tokens = pool(cover, x)  # (S, Dv)
             ctx.ledger.add_method_matmul(cover.shape[0], cover.shape[1], x.shape[1])
             codes = []
@@ -156,8 +161,10 @@ class SuperpixelProjector(Method):
                                  "e.g. shapes-ref or RefCOCO); use source=sam")
             with ctx.watch("instances"):
                 inst = np.asarray(ctx.instances() if callable(ctx.instances) else ctx.instances, dtype=bool)
+                if not inst.size:  # an image without annotated instances: all background, one superpixel
+                    return np.zeros(ctx.prepared.original_size, dtype=np.int64)
                 order = np.argsort(-inst.reshape(len(inst), -1).sum(1), kind="stable")  # small objects on top
-                return fill_uncovered(paint(inst[order]), self.min_area)
+                return absorb_fragments(fill_uncovered(paint(inst[order]), self.min_area), self.min_area)
         if ctx.image is None:
             raise ValueError(f"superpixel: source={self.source} needs the image; pass it to segment()")
         from harness.model import load_image
@@ -175,7 +182,7 @@ class SuperpixelProjector(Method):
             keep = rock_sand_water(masks, levels, self.rsw_thresh, ctx)
             order = sorted(keep, key=lambda i: (levels[i], scores[i]))  # painted later = on top
             labels = paint(masks[order].cpu().numpy()) if order else np.full(masks.shape[1:], -1)
-            return fill_uncovered(labels, self.min_area)
+            return absorb_fragments(fill_uncovered(labels, self.min_area), self.min_area)
 
     # -- budgets -------------------------------------------------------------------------------------------------
     def image_schedule(self, info: ModelInfo) -> list[int] | None:
@@ -206,10 +213,9 @@ def sam_masks(ctx: Context, image, emb: Tensor, cfg: SuperpixelProjector) -> tup
     """SAM automatic mask generation with FMA-WSSS's level-dependent filtering, on the model's own SAM.
 
     Returns the kept masks (M, H, W) bool at the image size, their levels (0 sub-part, 1 part, 2 whole) and
-    predicted IoUs. The decoder passes are counted as method FLOPs.
+    predicted IoUs. The decoder passes are counted as method FLOPs. Memory is bounded by `batch` prompts at image
+    size plus the low-resolution logits of the candidates.
     """
-    from torchvision.ops import batched_nms, masks_to_boxes
-
     from harness.flops import Arch, point_prompt_macs
 
     model, prep = ctx.model, ctx.prepared
@@ -218,53 +224,79 @@ def sam_masks(ctx: Context, image, emb: Tensor, cfg: SuperpixelProjector) -> tup
     side = cfg.points or min(32, g)
     size = sam.config.vision_config.image_size
     _, points, _, _ = proc.generate_crop_boxes(image, target_size=size, crop_n_layers=0, points_per_crop=side,
-                                               device=emb.device)  # (1, P, 1, 2) in SAM's resized frame
-    points = points.to(emb.dtype)
+                                               device=emb.device)  # (1, P, 1, 2) float32 in SAM's resized frame
     pe = sam.get_image_wide_positional_embeddings().to(emb.dtype)
     n_points = points.shape[1]
-    masks, scores = [], []
-    for start in range(0, n_points, cfg.batch):
-        pts = points[:, start:start + cfg.batch]  # (1, B, 1, 2)
-        labels = torch.ones(pts.shape[:3], dtype=torch.long, device=emb.device)
-        sparse, dense = sam.prompt_encoder(pts, labels, None, None)
-        low, iou = sam.mask_decoder(image_embeddings=emb, image_positional_embeddings=pe,
-                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                    multimask_output=True)  # (1, B, 3, 4g, 4g), (1, B, 3)
-        logits = proc.post_process_masks([low[0].float()], [prep.original_size], [prep.resized_size],
-                                         binarize=False)[0]  # (B, 3, H, W)
-        masks.append(logits)
-        scores.append(iou[0].float())
     ctx.ledger.method_flops += 2 * point_prompt_macs(Arch.from_model(model), n_points)
-    logits, iou = torch.cat(masks).transpose(0, 1).contiguous(), torch.cat(scores).T  # (3, P, H, W), (3, P)
-    area = count_true((logits > 0).flatten(2)).float().mean(1)  # mean area of each output over the prompts
+
+    def batches():
+        for start in range(0, n_points, cfg.batch):
+            pts = points[:, start:start + cfg.batch]  # (1, B, 1, 2); the prompt encoder casts after normalising
+            labels = torch.ones(pts.shape[:3], dtype=torch.long, device=emb.device)
+            sparse, dense = sam.prompt_encoder(pts, labels, None, None)
+            low, iou = sam.mask_decoder(image_embeddings=emb, image_positional_embeddings=pe,
+                                        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                        multimask_output=True)  # (1, B, 3, 4g, 4g), (1, B, 3)
+            yield low[0].float(), iou[0].float()
+
+    def upsample(low: Tensor) -> Tensor:
+        return proc.post_process_masks([low], [prep.original_size], [prep.resized_size], binarize=False)[0]
+
+    return select_masks(batches(), upsample, cfg)
+
+
+def select_masks(batches: Iterable[tuple[Tensor, Tensor]], upsample: Callable[[Tensor], Tensor],
+                 cfg: SuperpixelProjector) -> tuple[Tensor, list[int], list[float]]:
+    """FMA-WSSS's `_process_batch` + `_process_crop` on one crop layer, then stock SAM's small-region step.
+
+    `batches` gives (low-res logits (B, 3, h, w), predicted IoUs (B, 3)) for consecutive prompts; `upsample` maps
+    logits to image size. The three outputs get levels by their mean area over all prompts (smallest = sub-part);
+    output (p, k) is kept when IoU + level offset > iou_thresh and its stability score >= stability_thresh; then box
+    NMS scored by IoU + NMS offset, and small-region post-processing. Each batch is upsampled once to score it and
+    the NMS survivors once more at the end, so only `batch` prompts are ever held at image size.
+    """
+    from torchvision.ops import batched_nms, masks_to_boxes
+
+    low_kept, iou_kept, out_kept, boxes = [], [], [], []
+    area_sum, n_prompts, hw = torch.zeros(3, dtype=torch.float64), 0, (0, 0)
+    for low, iou in batches:
+        logits = upsample(low)  # (B, 3, H, W)
+        hw = tuple(logits.shape[-2:])
+        area = count_true((logits > 0).flatten(2))  # (B, 3)
+        area_sum += area.sum(0).double().cpu()
+        n_prompts += len(low)
+        ok = (iou + max(LEVEL_IOU_OFFSET) > cfg.iou_thresh)  # levels are known only after the last batch
+        ok &= (stability_score(logits, 0.0, 1.0) >= cfg.stability_thresh).to(iou.device)
+        ok &= (area > 0).to(iou.device)
+        p, k = ok.nonzero(as_tuple=True)
+        low_kept.append(low[p, k])
+        iou_kept.append(iou[p, k].cpu())
+        out_kept.append(k.cpu())
+        boxes.append(masks_to_boxes(logits[p, k] > 0).float().cpu())
+        del logits
+    empty = torch.zeros(0, *hw, dtype=torch.bool), [], []
+    if not n_prompts:
+        return empty
     level_of = torch.empty(3, dtype=torch.long)
-    level_of[area.argsort(stable=True).cpu()] = torch.arange(3)
-    keep_m, keep_l, keep_s = [], [], []
-    for k in range(3):
-        level = int(level_of[k])
-        lg, sc = logits[k], iou[k]
-        stable = stability_score(lg, 0.0, 1.0)
-        ok = (sc + LEVEL_IOU_OFFSET[level] > cfg.iou_thresh) & (stable >= cfg.stability_thresh)
-        keep_m.append(lg[ok] > 0)
-        keep_l += [level] * int(ok.sum())
-        keep_s += sc[ok].tolist()
-    m = torch.cat(keep_m)
-    nonempty = count_true(m.flatten(1)) > 0
-    m = m[nonempty]
-    levels = [lv for lv, ok in zip(keep_l, nonempty.tolist(), strict=True) if ok]
-    conf = [s for s, ok in zip(keep_s, nonempty.tolist(), strict=True) if ok]
-    if not len(m):
-        return m, [], []
-    nms_score = torch.tensor([s + LEVEL_NMS_OFFSET[lv] for s, lv in zip(conf, levels, strict=True)])
-    keep = batched_nms(masks_to_boxes(m).float().cpu(), nms_score, torch.zeros(len(m)), cfg.nms_thresh).tolist()
-    m, levels, conf = m[keep], [levels[i] for i in keep], [conf[i] for i in keep]
-    return remove_small_regions(m, levels, conf, cfg.min_area, cfg.nms_thresh)
+    level_of[(area_sum / n_prompts).argsort(stable=True)] = torch.arange(3)
+    levels, iou = level_of[torch.cat(out_kept)], torch.cat(iou_kept)
+    ok = iou + torch.tensor(LEVEL_IOU_OFFSET)[levels] > cfg.iou_thresh
+    cand = ok.nonzero()[:, 0]
+    score = iou[cand] + torch.tensor(LEVEL_NMS_OFFSET)[levels[cand]]
+    keep = cand[batched_nms(torch.cat(boxes)[cand], score, torch.zeros(len(cand)), cfg.nms_thresh)]
+    if not len(keep):
+        return empty
+    low = torch.cat(low_kept)
+    masks = torch.cat([upsample(low[keep[s:s + 64].to(low.device), None])[:, 0] > 0
+                       for s in range(0, len(keep), 64)])
+    return remove_small_regions(masks, levels[keep].tolist(), iou[keep].tolist(), cfg.min_area, cfg.nms_thresh)
 
 
 def stability_score(logits: Tensor, threshold: float, offset: float) -> Tensor:
-    """SAM's stability score: IoU of the masks thresholded at threshold +- offset (one contains the other)."""
-    inter = count_true((logits > threshold + offset).flatten(1)).float()
-    union = count_true((logits > threshold - offset).flatten(1)).float()
+    """SAM's stability score of (..., H, W) logits: IoU of the masks thresholded at threshold +- offset (one
+    contains the other)."""
+    inter = count_true((logits > threshold + offset).flatten(-2)).float()
+    union = count_true((logits > threshold - offset).flatten(-2)).float()
     return inter / union.clamp(min=1)
 
 
@@ -314,14 +346,17 @@ def _drop_small(mask: np.ndarray, min_area: int, holes: bool, label) -> tuple[np
     return np.isin(regions, keep), True
 
 
-def rock_sand_water(masks: Tensor, levels: list[int], thresh: float, ctx: Context | None = None) -> list[int]:
+def rock_sand_water(masks: Tensor, levels: list[int], thresh: float, ctx: Context | None = None,
+                    chunk: int = 1 << 16) -> list[int]:
     """FMA-WSSS's rock-sand-water filter: indices of the masks kept.
 
     Levels are processed whole -> part -> sub-part. The first non-empty level is accepted whole; a mask of a later
     level is kept when its recall |m & c| / |m| against every accepted mask c (each on its own, not their union) is
-    below `thresh`; kept masks join the accepted set before the next level.
+    below `thresh`; kept masks join the accepted set before the next level. Intersections are counted `chunk`
+    pixels at a time (FMA-WSSS's rock_sand_water_chunk_size plays the same role), so memory does not grow with the
+    image.
     """
-    flat = masks.flatten(1).float()  # (M, H*W)
+    flat = masks.flatten(1)  # (M, H*W) bool
     accepted: list[int] = []
     for level in (2, 1, 0):
         cand = [i for i, lv in enumerate(levels) if lv == level]
@@ -330,10 +365,13 @@ def rock_sand_water(masks: Tensor, levels: list[int], thresh: float, ctx: Contex
         if not accepted:
             accepted = cand
             continue
-        inter = flat[cand] @ flat[accepted].T  # (|cand|, |accepted|) pixel intersections
+        a, b = flat[cand], flat[accepted]
+        inter = torch.zeros(len(cand), len(accepted), dtype=torch.float64, device=flat.device)
+        for s in range(0, flat.shape[1], chunk):  # exact: a chunk's counts fit float32's integers
+            inter += (a[:, s:s + chunk].float() @ b[:, s:s + chunk].float().T).double()
         if ctx is not None:
             ctx.ledger.add_method_matmul(len(cand), flat.shape[1], len(accepted))
-        recall = inter / flat[cand].sum(1, keepdim=True).clamp(min=1)
+        recall = inter / count_true(a).to(inter).clamp(min=1)[:, None]
         accepted += [i for i, r in zip(cand, recall.max(1).values.tolist(), strict=True) if r < thresh]
     return accepted
 
@@ -373,6 +411,29 @@ def fill_uncovered(labels: np.ndarray, min_area: int) -> np.ndarray:
     return remap[out]
 
 
+def absorb_fragments(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """Pieces a superpixel was cut into by later masks: every 8-connected piece of a label other than its largest,
+    under `min_area` pixels, takes the label of the nearest pixel outside such pieces. Each label keeps its
+    largest piece, so no superpixel disappears (a small object stays one)."""
+    from scipy.ndimage import distance_transform_edt
+    from skimage.measure import label
+
+    pieces, n = label(labels, background=-1, connectivity=2, return_num=True)
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+    owner = np.zeros(n + 1, dtype=np.int64)
+    owner[pieces.ravel()] = labels.ravel()
+    largest = {}
+    for p in range(1, n + 1):
+        if sizes[p] > sizes[largest.get(owner[p], 0)]:
+            largest[owner[p]] = p
+    drop = [p for p in range(1, n + 1) if sizes[p] < min_area and largest[owner[p]] != p]
+    if not drop:
+        return labels
+    frag = np.isin(pieces, drop)
+    idx = distance_transform_edt(frag, return_distances=False, return_indices=True)
+    return labels[tuple(idx)]
+
+
 # -- coverage, merging, pooling ------------------------------------------------------------------------------------
 def label_coverage(model, labels: np.ndarray, chunk: int = 64) -> Tensor:
     """(S, N) fraction of each CLIP patch's pixels in each superpixel, through the CLIP processor's geometry."""
@@ -380,6 +441,20 @@ def label_coverage(model, labels: np.ndarray, chunk: int = 64) -> Tensor:
     parts = [model.patch_coverage(labels[None] == np.arange(s, min(n, s + chunk))[:, None, None])
              for s in range(0, n, chunk)]
     return torch.cat(parts)
+
+
+def single_patch_once(cover: Tensor) -> Tensor:
+    """Superpixels that cover only part of one and the same patch would be identical tokens (the mean of one patch):
+    merge their coverage into one row. Other rows are left as they are."""
+    support = cover > 0
+    single = support.sum(1) == 1
+    if int(single.sum()) < 2:
+        return cover
+    key = torch.where(single, support.float().argmax(1), -1 - torch.arange(len(cover), device=cover.device))
+    keys, slot = torch.unique(key, return_inverse=True)
+    if len(keys) == len(cover):
+        return cover
+    return torch.zeros(len(keys), cover.shape[1], dtype=cover.dtype, device=cover.device).index_add_(0, slot, cover)
 
 
 def grid_coverage(grid: tuple[int, int], cell: int) -> Tensor:
@@ -397,7 +472,7 @@ def raster_order(cover: Tensor, grid: tuple[int, int]) -> Tensor:
     mass = cover.sum(1)
     ys = torch.arange(h, device=cover.device, dtype=cover.dtype).repeat_interleave(w)
     xs = torch.arange(w, device=cover.device, dtype=cover.dtype).repeat(h)
-    cy, cx = (cover @ ys) / mass, (cover @ xs) / mass
+    cy, cx = ((cover @ torch.stack([ys, xs], 1)) / mass[:, None]).T
     keys = sorted(range(len(cover)), key=lambda s: (int(torch.floor(cy[s] + 0.5)), float(cx[s]), float(cy[s])))
     return torch.tensor(keys, dtype=torch.long, device=cover.device)
 
@@ -447,7 +522,7 @@ def merge_smallest(cover: Tensor, x: Tensor, grid: tuple[int, int], count: int, 
         adj[t, t] = False
         feats[t] = torch.nn.functional.normalize(pool(cover[t:t + 1], x), dim=1)[0]
         ctx.ledger.add_method_matmul(1, cover.shape[1], x.shape[1])
-        sim[t] = feats @ feats[t]
+        sim[t] = (feats @ feats[t:t + 1].T)[:, 0]
         sim[:, t] = sim[t]
         ctx.ledger.add_method_matmul(len(feats), feats.shape[1], 1)
     return cover[alive]

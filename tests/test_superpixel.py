@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import harness
 from harness.engine import Context, run_vision
+from harness.latency import Stopwatch
 from harness.ledger import Ledger, patch_shares
 from harness.method import create_method
 from harness.methods import superpixel as sp
@@ -58,6 +59,7 @@ def test_rock_sand_water_and_painting_match_an_independent_implementation():
     masks, levels, conf = hand_made_masks()
     keep = sp.rock_sand_water(torch.from_numpy(masks), levels, 0.3)
     assert sorted(keep) == [0, 1, 3, 6]
+    assert sp.rock_sand_water(torch.from_numpy(masks), levels, 0.3, chunk=7) == keep  # counted 7 pixels at a time
     order = sorted(keep, key=lambda i: (levels[i], conf[i]))
     ours = sp.paint(masks[order])
     accepted, expected = reference_rsw_paint(masks, levels, conf, 0.3)
@@ -88,6 +90,30 @@ def test_uncovered_pixels_become_superpixels_or_join_the_nearest():
     small = sp.fill_uncovered(labels, min_area=10_000)  # the band is too small: it joins its nearest neighbours
     assert len(np.unique(small)) == 3 and small[20, 11] == small[20, 0] and small[20, 18] == small[20, 29]
     assert (sp.fill_uncovered(np.full((5, 5), -1), 100) == 0).all()  # nothing at all: one superpixel
+
+
+def test_pieces_cut_off_by_painting_join_their_nearest_neighbour():
+    labels = np.zeros((40, 40), dtype=np.int64)  # 0: the background
+    labels[5:25, 5:25] = 1  # a big square, cut by label 2's bar: a 20 x 3 sliver of it is left on the right
+    labels[5:25, 20:22] = 2
+    labels[30:35, 30:35] = 3  # a small object of its own (25 pixels): one piece, kept whole
+    labels[31:33, 31:33] = 1  # a 4-pixel island of label 1 inside it: joins label 3
+    out = sp.absorb_fragments(labels, min_area=100)
+    assert (out[5:25, 5:20] == 1).all() and (out[5:25, 20:22] == 2).all() and (out[30:35, 30:35] == 3).all()
+    sliver = out[5:25, 22:25]
+    assert set(np.unique(sliver)) <= {0, 2} and (out[10:20, 22] == 2).all() and (out[10:20, 24] == 0).all()
+    assert np.array_equal(sp.absorb_fragments(labels, min_area=4), labels)  # every piece large enough: unchanged
+
+
+def test_superpixels_inside_one_patch_share_a_token():
+    cover = torch.zeros(4, 6)
+    cover[0, 5], cover[1, 5] = 0.3, 0.7  # two superpixels inside patch 5: the same mean feature
+    cover[2, [1, 2]] = torch.tensor([1.0, 0.5])
+    cover[3, 4] = 1.0
+    out = sp.single_patch_once(cover)
+    rows = {tuple(r) for r in out.tolist()}
+    assert rows == {(0, 0, 0, 0, 0, 1.0), (0, 1.0, 0.5, 0, 0, 0), (0, 0, 0, 0, 1.0, 0)}
+    assert torch.equal(sp.single_patch_once(cover[1:]), cover[1:])  # one superpixel per patch: unchanged
 
 
 # -- pooling, order, members ----------------------------------------------------------------------------------------
@@ -199,11 +225,30 @@ def test_sam_decoder_flops_are_exact(shapes_sample):
     assert ctx.ledger.method_flops == pytest.approx(counter.get_total_flops(), rel=0.01)
 
 
+@pytest.mark.parametrize("spec", ["superpixel:source=grid,count=64", "superpixel:source=slic,count=6",
+                                  "superpixel:points=6,count=3"])
+def test_merging_flops_match_flop_counter(spec, tiny_eager, image):
+    """With a count to merge down to (the battery runs only the adaptive count), on the eager model: every matrix
+    product of the merging, ordering, filtering and pooling is counted, and nothing else."""
+    method = create_method(spec)
+    tiny_eager.segment(image, QUERY, method)
+    with FlopCounterMode(display=False) as counter:
+        watch = Stopwatch(clock=lambda: float(counter.get_total_flops()))
+        r = tiny_eager.segment(image, QUERY, method, stopwatch=watch)
+    counted = watch.last
+    assert r.ledger.layers[0].n_image <= int(spec.rsplit("=", 1)[1])
+    method_counted = counted.get("method", 0.0) + counted.get("instances", 0.0)
+    assert r.flops["method"] == pytest.approx(method_counted, rel=0.001)
+    assert r.flops["total"] == pytest.approx(counter.get_total_flops(), rel=0.001)
+
+
 def test_bad_input_is_one_line(tiny, image):
     with pytest.raises(ValueError, match="count=300 exceeds"):
         tiny.segment(image, QUERY, "superpixel:count=300")
     with pytest.raises(ValueError, match="needs a dataset with instance annotations"):
         tiny.segment(image, QUERY, "superpixel:source=oracle")
+    none = tiny.segment(image, QUERY, "superpixel:source=oracle", instances=np.zeros((0, *image.shape[:2]), bool))
+    assert none.ledger.layers[0].n_image == 1  # no annotated instance: the whole image is one superpixel
     with pytest.raises(ValueError, match="outside the reachable 1..256"):
         create_method("superpixel@navg=400", info=tiny.info)
     for bad in ("points=0", "rsw_thresh=0", "cell=0", "count=0", "source=felzenszwalb"):
