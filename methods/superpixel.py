@@ -85,7 +85,7 @@ class SuperpixelProjector(Method):
     keep_all = {"source": "grid", "cell": 1}
     exact_reference = False
     budget_params = ("count",)
-    in_default_grid = False  # SAM's automatic mask generation: ~0.7 s a query on 2 CPU cores (results/superpixel)
+    in_default_grid = False  # SAM's automatic mask generation: ~0.6 s a query on 2 CPU cores (results/superpixel)
     deviations = ("training-free baseline of SVP's Table 3 (average pooling through the model's own projector, CLIP "
                   "features, no SSPE/SSA); FMA-WSSS's second crop layer omitted (SVP reuses the one SAM encoder pass, "
                   "crops would need four more); SAM's outputs are given levels by their mean area over the image's "
