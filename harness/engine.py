@@ -149,19 +149,35 @@ def attention_rows(layer: nn.Module, rotary: nn.Module, hidden: Tensor, position
 
 # -- vision ------------------------------------------------------------------------------------------------------
 def run_vision(model: SegModel, clip_pixels: Tensor, ledger: Ledger) -> VisionFeatures:
-    """CLIP up to the selected feature layer (LLaVA/LISA: penultimate), CLS dropped; later layers are not run."""
+    """CLIP up to the selected feature layer (LLaVA/LISA: penultimate), CLS dropped; later layers are not run.
+
+    `clip_pixels` may hold several images (B, 3, H, W): the features then have batch B (`split_vision` cuts them
+    per image); the ledger counts one image's tower.
+    """
     tower = model.vision_tower
-    h = tower.pre_layrnorm(tower.embeddings(clip_pixels))  # (1, 1 + N, Dv)
+    h = tower.pre_layrnorm(tower.embeddings(clip_pixels))  # (B, 1 + N, Dv)
     n_run = model.vision_layers_run
     layer_input = h
     for layer in tower.encoder.layers[:n_run]:
         layer_input = h
         h = layer(h, None)
-    ledger.vision_tokens, ledger.vision_layers = h.shape[1], n_run
     g = tower.config.image_size // tower.config.patch_size
     n = h.shape[1] - 1
-    return VisionFeatures(patches=h[:, 1:], patch_index=torch.arange(n, device=h.device), grid=(g, g), cls=h[:, 0],
-                          layer_input=layer_input, layer=n_run - 1, tower=tower)
+    feats = VisionFeatures(patches=h[:, 1:], patch_index=torch.arange(n, device=h.device), grid=(g, g), cls=h[:, 0],
+                           layer_input=layer_input, layer=n_run - 1, tower=tower)
+    count_vision(ledger, feats)
+    return feats
+
+
+def count_vision(ledger: Ledger, feats: VisionFeatures) -> None:
+    """The vision tower's work for one image, in the ledger (also when its features were computed earlier)."""
+    ledger.vision_tokens, ledger.vision_layers = feats.layer_input.shape[1], feats.layer + 1
+
+
+def split_vision(feats: VisionFeatures) -> list[VisionFeatures]:
+    """Per-image features of a batched `run_vision`."""
+    return [replace(feats, patches=feats.patches[i:i + 1], cls=feats.cls[i:i + 1],
+                    layer_input=feats.layer_input[i:i + 1]) for i in range(feats.patches.shape[0])]
 
 
 def cls_attention_heads(layer: nn.Module, hidden: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
@@ -326,7 +342,7 @@ MAX_NEW_TOKENS = 32  # generate mode: LISA's `evaluate` default (its answer "[SE
 
 def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_sentence: bool = False,
             sample_key: str = "", prepared: Prepared | None = None, image_embeddings: Tensor | None = None,
-            stopwatch: Stopwatch | None = None, decode: str = "template",
+            vision: VisionFeatures | None = None, stopwatch: Stopwatch | None = None, decode: str = "template",
             max_new_tokens: int = MAX_NEW_TOKENS, instances: Any = None) -> SegmentResult:
     """Run one image and query through the model with `method`; see `SegModel.segment`.
 
@@ -334,6 +350,9 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
     (a cached prefill of the prompt, then greedy decoding; see `greedy_decode`). When no [SEG] is generated the mask
     is empty, as LISA returns no mask. `instances`: the dataset's instance masks of the image (a (K, H, W) array or
     a callable returning it), for methods that can use them for analysis (LVLM_CSP's oracle Seg-First).
+    `prepared`, `image_embeddings` and `vision` (the image's CLIP features from `run_vision`) let a runner compute
+    an image's preprocessing and encoders once for all its queries; their work is still counted in the FLOPs, and
+    their stages are absent from the latency (the runner times them where they ran).
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
@@ -353,8 +372,13 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
     with torch.inference_mode():
         prep = prepared if prepared is not None else model.prepare(image)
         ctx.prepared, ctx.image_embeddings = prep, image_embeddings
-        with watch("vision"):
-            feats = run_vision(model, prep.clip_pixels, ledger)
+        if vision is None:
+            with watch("vision"):
+                feats = run_vision(model, prep.clip_pixels, ledger)
+        else:  # computed once for the image: a copy, so that no method can change what the next query gets
+            feats = replace(vision, patches=vision.patches.clone(), cls=vision.cls.clone(),
+                            layer_input=vision.layer_input.clone())
+            count_vision(ledger, feats)
         with watch("method"):
             feats = method.on_vision(feats, ctx)
         with watch("projector"):

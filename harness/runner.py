@@ -16,6 +16,7 @@ same files and continues where it stopped; changing anything that affects result
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -39,6 +40,7 @@ from harness.ledger import patch_shares
 from harness.lockfile import lock_provenance
 from harness.method import Method, budget_spec, create_method, split_budget
 from harness.metrics import aggregate, intersection_union, sample_iou
+from harness.shards import ENCODER_BATCH, Block, Shard, data_key, model_key, plan, shard_blocks
 
 CONFIG_RECOVER = ("delete it and rerun the commands that made the run with the same --out "
                   "(finished samples in cells/ are kept)")
@@ -204,109 +206,119 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     return records
 
 
-class ImageCache:
-    """Per-image preprocessing and SAM image embeddings, shared by the cells and queries of a run (small LRU).
-
-    `get` returns the seconds the SAM encoder took when it ran (cache miss), None on a hit.
-    """
-
-    def __init__(self, model: Any, size: int = 64):
-        self.model, self.size = model, size
-        self._items: dict[tuple[str, ...], tuple[Any, Any]] = {}
-        self._watch = Stopwatch(model.device)
-
-    def get(self, key: tuple[str, ...], image: Any) -> tuple[Any, Any, float | None]:
-        if key in self._items:
-            prep, emb = self._items[key]
-            return prep, emb, None
-        prep = self.model.prepare(image)
-        emb, seconds = None, None
-        if self.model.sam is not None:
-            self._watch.last = {}
-            with torch.inference_mode(), self._watch("sam_encoder"):
-                emb = self.model.sam_image_embeddings(prep.sam_pixels)
-            seconds = self._watch.last["sam_encoder"]
-        if len(self._items) >= self.size:
-            self._items.pop(next(iter(self._items)))
-        self._items[key] = (prep, emb)
-        return prep, emb, seconds
+def cell_files(cells_dir: Path, cell_id: str) -> list[Path]:
+    """A cell's record files: one process's and every shard's."""
+    return sorted(p for p in (cells_dir / f"{cell_id}.jsonl", *cells_dir.glob(f"{cell_id}.*-of-*.jsonl"))
+                  if p.is_file())
 
 
-def run_cell(model: Any, cell: Cell, samples: list[Any], out_dir: Path, *, cache: ImageCache | None = None,
-             progress: Callable[[int], None] | None = None, method: Method | None = None) -> list[dict[str, Any]]:
-    """Run the unfinished samples of one cell, appending one flushed JSON line per sample (`method`: the cell's
-    method already resolved on this model, else resolved here).
-
-    One process writes a cell at a time: a second one that reaches a cell being run stops with a one-line error.
-    """
-    cells_dir = out_dir / "cells"
-    cells_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with exclusive(cells_dir / f"{cell.id}.lock", wait=False):
-            return _run_cell(model, cell, samples, cells_dir, cache, progress, method)
-    except Busy as busy:
-        raise ValueError(f"{cell.method} on {cell.dataset}:{cell.split} is being run into {out_dir} by another "
-                         f"process (pid {busy.holder}); wait for it to finish, or use another --out") from None
-
-
-def _run_cell(model: Any, cell: Cell, samples: list[Any], cells_dir: Path, cache: ImageCache | None,
-              progress: Callable[[int], None] | None, method: Method | None) -> list[dict[str, Any]]:
-    method = method or create_method(cell.method, info=model.info)
-    path = cells_dir / f"{cell.id}.jsonl"
-    meta_path = cells_dir / f"{cell.id}.json"
-    records = read_records(path, repair=True)
-    if records and meta_path.is_file():  # a budget spec must still resolve to what the records were made with
-        before = read_json(meta_path, META_RECOVER).get("resolved_method", method.spec())
-        if before != method.spec():
-            raise ValueError(f"{cell.method} now resolves to {method.spec()}, but {path} was made with {before}; "
-                             f"use a new run folder or delete that file to rerun the cell")
-    meta = {**asdict(cell), "id": cell.id, "resolved_method": method.spec(), "expected": len(samples),
-            "grid": list(model.info.grid),
-            "environment": environment(model)}
-    write_json(meta_path, meta)
-    done = {r["sample_id"] for r in records}
-    arch = Arch.from_model(model)
-    cache = cache or ImageCache(model)
-    watch = Stopwatch(model.device)
-    with path.open("a") as f:
-        for s in samples:
-            if s.id in done:
-                continue
-            reset_peak_memory(model.device)
-            prep, emb, sam_seconds = cache.get((cell.dataset, cell.split, s.image_id), s.image)
-            r = model.segment(s.image, s.query, method, is_sentence=s.is_sentence, sample_key=s.id, prepared=prep,
-                              image_embeddings=emb, stopwatch=watch, decode=cell.decode, instances=s.instances)
-            gt = s.gt_mask()
-            if gt.shape != r.mask.shape:
-                where = s.image if isinstance(s.image, (str, Path)) else f"the image of sample {s.id}"
-                raise ValueError(f"{where} is {r.mask.shape[1]}x{r.mask.shape[0]} pixels but its annotation is "
-                                 f"{gt.shape[1]}x{gt.shape[0]} ({cell.dataset}:{cell.split} sample {s.id}); "
-                                 f"replace the image or fix its annotation")
-            inter, union = intersection_union(r.mask, gt)
-            latency = dict(r.latency)
-            latency.pop("sam_encoder", None)  # measured in the cache when it ran; absent when it was reused
-            if sam_seconds is not None:
-                latency["sam_encoder"] = sam_seconds
-            rec = {
-                "sample_id": s.id, "image_id": s.image_id, "query": s.query, "intersection": inter, "union": union,
-                "iou": sample_iou(inter, union), "n_avg": r.trace.n_avg,
-                "image_tokens_per_layer": r.trace.image_tokens_per_layer,
-                "tokens_per_layer": r.trace.tokens_per_layer, "kept_patches": _segments(r.trace.kept_patches),
-                "merged_members": {str(code): [[p, float(f"{w:.4g}")] for p, w in pairs]
-                                   for code, pairs in r.trace.members.items()},
-                "gt_recall": gt_token_recall(model, gt, r.trace.kept_patches, r.trace.members),
-                "flops": r.flops, "llm_flops": {c: llm_total_flops(arch, r.ledger, c) for c in ("csp", "routing")},
-                "latency_s": latency, "peak_mem_bytes": peak_memory_bytes(model.device), "mask_rle": _rle(r.mask),
-            }
-            if r.answer is not None:  # generate mode: what the model said, and whether it produced a mask
-                rec.update(answer=r.answer, has_seg=r.seg_hidden is not None)
-            f.write(json.dumps(rec) + "\n")  # one complete line per write, flushed: never a partial record
-            f.flush()
-            records.append(rec)
-            done.add(s.id)
-            if progress:
-                progress(1)
+def read_cell(cells_dir: Path, cell_id: str) -> list[dict[str, Any]]:
+    """Every finished record of a cell, merged over the files of all shards (one per sample id), in dataset order."""
+    seen: set[str] = set()
+    records = []
+    for path in cell_files(cells_dir, cell_id):
+        for r in read_records(path):
+            if r["sample_id"] not in seen:
+                seen.add(r["sample_id"])
+                records.append(r)
+    if all("index" in r for r in records):  # records made before the index existed stay in file order
+        records.sort(key=lambda r: r["index"])
     return records
+
+
+@dataclass
+class Encoded:
+    """An image's preprocessing and encoder outputs, computed once for all its queries in a run."""
+
+    prepared: Any
+    vision: Any
+    sam: Any
+    seconds: dict[str, float]  # the encoders' time per image: given to the image's first record, then emptied
+
+
+def encode_images(model: Any, images: list[Any]) -> list[Encoded]:
+    """CLIP and SAM's image encoder on several images as one batch each (every method here takes the tower's
+    features as they are; none changes the tower). The time is split evenly over the images."""
+    from harness.engine import run_vision, split_vision
+    from harness.ledger import Ledger
+
+    watch = Stopwatch(model.device)
+    watch.last = {}
+    with torch.inference_mode():
+        preps = [model.prepare(im) for im in images]
+        with watch("vision"):
+            feats = split_vision(run_vision(model, torch.cat([p.clip_pixels for p in preps]), Ledger()))
+        embs: list[Any] = [None] * len(preps)
+        if model.sam is not None:
+            with watch("sam_encoder"):
+                batch = model.sam_image_embeddings(torch.cat([p.sam_pixels for p in preps]))
+            embs = [batch[i:i + 1] for i in range(len(preps))]
+    per_image = {stage: t / len(preps) for stage, t in watch.last.items()}
+    return [Encoded(p, f, e, dict(per_image)) for p, f, e in zip(preps, feats, embs, strict=True)]
+
+
+class CellWriter:
+    """The one writer of a cell's record file for this process (its shard's file), holding the file's lock."""
+
+    def __init__(self, out_dir: Path, cell: Cell, method: Method, model: Any, expected: int, suffix: str,
+                 stack: contextlib.ExitStack):
+        cells_dir = out_dir / "cells"
+        self.path = cells_dir / f"{cell.id}{suffix}.jsonl"
+        try:
+            stack.enter_context(exclusive(cells_dir / f"{cell.id}{suffix}.lock", wait=False))
+        except Busy as busy:
+            raise ValueError(f"{cell.method} on {cell.dataset}:{cell.split} is being run into {out_dir} by another "
+                             f"process (pid {busy.holder}); wait for it to finish, or use another --out") from None
+        meta_path = cells_dir / f"{cell.id}.json"
+        if meta_path.is_file() and any(read_records(p) for p in cell_files(cells_dir, cell.id)):
+            before = read_json(meta_path, META_RECOVER).get("resolved_method", method.spec())
+            if before != method.spec():  # a budget spec must still resolve to what the records were made with
+                raise ValueError(f"{cell.method} now resolves to {method.spec()}, but {cells_dir / cell.id}.jsonl "
+                                 f"was made with {before}; use a new run folder or delete the cell's files to "
+                                 f"rerun it")
+        write_json(meta_path, {**asdict(cell), "id": cell.id, "resolved_method": method.spec(), "expected": expected,
+                               "grid": list(model.info.grid), "environment": environment(model)})
+        read_records(self.path, repair=True)  # a torn last line (killed mid-write) is cut before appending
+        self.file = stack.enter_context(self.path.open("a"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")  # one complete line per write, flushed: never a partial record
+        self.file.flush()
+
+
+def evaluate(model: Any, cell: Cell, sample: Any, index: int, method: Method, encoded: Encoded | None,
+             watch: Stopwatch, arch: Arch) -> dict[str, Any]:
+    """One sample of a cell: the record written for it."""
+    reset_peak_memory(model.device)
+    given = {} if encoded is None else {"prepared": encoded.prepared, "image_embeddings": encoded.sam,
+                                         "vision": encoded.vision}
+    r = model.segment(sample.image, sample.query, method, is_sentence=sample.is_sentence, sample_key=sample.id,
+                      stopwatch=watch, decode=cell.decode, instances=sample.instances, **given)
+    gt = sample.gt_mask()
+    if gt.shape != r.mask.shape:
+        where = sample.image if isinstance(sample.image, (str, Path)) else f"the image of sample {sample.id}"
+        raise ValueError(f"{where} is {r.mask.shape[1]}x{r.mask.shape[0]} pixels but its annotation is "
+                         f"{gt.shape[1]}x{gt.shape[0]} ({cell.dataset}:{cell.split} sample {sample.id}); "
+                         f"replace the image or fix its annotation")
+    inter, union = intersection_union(r.mask, gt)
+    latency = dict(r.latency)
+    if encoded is not None:  # encoders timed where they ran, on the image's first record; absent (not 0) after
+        latency.update(encoded.seconds)
+        encoded.seconds = {}
+    rec = {
+        "sample_id": sample.id, "index": index, "image_id": sample.image_id, "query": sample.query,
+        "intersection": inter, "union": union, "iou": sample_iou(inter, union), "n_avg": r.trace.n_avg,
+        "image_tokens_per_layer": r.trace.image_tokens_per_layer,
+        "tokens_per_layer": r.trace.tokens_per_layer, "kept_patches": _segments(r.trace.kept_patches),
+        "merged_members": {str(code): [[p, float(f"{w:.4g}")] for p, w in pairs]
+                           for code, pairs in r.trace.members.items()},
+        "gt_recall": gt_token_recall(model, gt, r.trace.kept_patches, r.trace.members),
+        "flops": r.flops, "llm_flops": {c: llm_total_flops(arch, r.ledger, c) for c in ("csp", "routing")},
+        "latency_s": latency, "peak_mem_bytes": peak_memory_bytes(model.device), "mask_rle": _rle(r.mask),
+    }
+    if r.answer is not None:  # generate mode: what the model said, and whether it produced a mask
+        rec.update(answer=r.answer, has_seg=r.seg_hidden is not None)
+    return rec
 
 
 def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | None = None,
@@ -382,41 +394,74 @@ def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[
     return ready, models, datasets, methods
 
 
-def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = None,
+def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = None, shard: Shard | None = None,
+             encoder_batch: int = ENCODER_BATCH, reuse: bool = True,
              progress_factory: Callable[[int, str], Any] | None = None) -> list[dict[str, Any]]:
-    """Run every cell (resuming finished samples) and write config, environment and summary into `out_dir`."""
+    """Run the unfinished items of `shard` (default: all of them, one process) and write config, environment and
+    summary into `out_dir`. Returns the summary rows of `cells`, from the records of every shard.
+
+    Items run image by image (`harness.shards`): each image is preprocessed and encoded (CLIP, SAM's image encoder)
+    once, in batches of `encoder_batch` images, for all its queries in every cell; `reuse=False` computes them for
+    every query instead (what a naive loop does; for throughput comparisons).
+    """
+    shard = shard or Shard()
     cells, models, datasets, methods = prepare_grid(cells, device=device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     _merge_config(out_dir, cells)
     write_json(out_dir / "environment.json", environment(next(iter(models.values()))))
-    caches = {key: ImageCache(model) for key, model in models.items()}
-    rows: list[dict[str, Any]] = []
+    mine = shard_blocks(plan(cells, datasets, encoder_batch), shard)
     try:
-        for cell in cells:
-            key = (cell.model, cell.dtype, cell.attn)
-            samples = datasets[(cell.dataset, cell.split, cell.data_root, cell.limit)]
-            bar = progress_factory(len(samples), f"{cell.method} {cell.dataset}:{cell.split}") \
+        with contextlib.ExitStack() as stack:
+            counts: dict[int, int] = {}
+            for block in mine:
+                for ci, _ in block.items:
+                    counts[ci] = counts.get(ci, 0) + 1
+            writers = {ci: CellWriter(out_dir, cells[ci], methods[cells[ci].id], models[model_key(cells[ci])],
+                                      len(datasets[data_key(cells[ci])]), shard.suffix, stack) for ci in counts}
+            done = {ci: {r["sample_id"] for r in read_cell(out_dir / "cells", cells[ci].id)} for ci in writers}
+            todo = [[(ci, si) for ci, si in b.items if datasets[b.data][si].id not in done[ci]] for b in mine]
+            bar = progress_factory(sum(map(len, todo)), "grid" if shard.count == 1 else str(shard)) \
                 if progress_factory else None
             try:
-                if bar is not None:
-                    ids = {s.id for s in samples}
-                    bar.update(sum(r["sample_id"] in ids for r in read_records(out_dir / "cells" / f"{cell.id}.jsonl")))
-                records = run_cell(models[key], cell, samples, out_dir, cache=caches[key],
-                                   progress=bar.update if bar is not None else None, method=methods[cell.id])
+                _run_blocks(mine, todo, cells, models, datasets, methods, writers, reuse, bar)
             finally:
                 if bar is not None:
                     bar.close()
-            ids = {s.id for s in samples}
-            rows.append(summarize_cell(cell, [r for r in records if r["sample_id"] in ids], len(samples),
-                                       methods[cell.id].spec()))
     finally:
-        if rows:  # every cell of the folder, not only this command's: earlier commands' cells keep their rows
-            write_summary(out_dir)
+        write_summary(out_dir)  # every cell of the folder, from the records of every shard
     from harness.analysis import analyze_run
 
     analyze_run(out_dir)
+    rows = []
+    for cell in cells:
+        samples = datasets[data_key(cell)]
+        ids = {s.id for s in samples}
+        records = [r for r in read_cell(out_dir / "cells", cell.id) if r["sample_id"] in ids]
+        rows.append(summarize_cell(cell, records, len(samples), methods[cell.id].spec()))
     return rows
+
+
+def _run_blocks(blocks: list[Block], todo: list[list[tuple[int, int]]], cells: list[Cell], models: dict,
+                datasets: dict, methods: dict, writers: dict[int, CellWriter], reuse: bool, bar: Any) -> None:
+    watches = {key: Stopwatch(model.device) for key, model in models.items()}
+    arches = {key: Arch.from_model(model) for key, model in models.items()}
+    for block, items in zip(blocks, todo, strict=True):
+        if not items:
+            continue
+        model = models[block.model]
+        samples = datasets[block.data]
+        needed = {samples[si].image_id for _, si in items}
+        images = [(i, im) for i, im in block.images if i in needed]
+        encoded = dict(zip([i for i, _ in images], encode_images(model, [im for _, im in images]), strict=True)) \
+            if reuse else {}
+        for ci, si in items:
+            cell, sample = cells[ci], samples[si]
+            rec = evaluate(model, cell, sample, si, methods[cell.id], encoded.get(sample.image_id),
+                           watches[block.model], arches[block.model])
+            writers[ci].write(rec)
+            if bar is not None:
+                bar.update(1)
 
 
 def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -431,7 +476,7 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
     for c in cfg["cells"]:
         cid = c["id"]  # the stored id: valid even after a harness upgrade changed how ids are computed
         cell = Cell(**{k: v for k, v in c.items() if k in Cell.__dataclass_fields__})
-        records = read_records(run_dir / "cells" / f"{cid}.jsonl")
+        records = read_cell(run_dir / "cells", cid)
         meta = run_dir / "cells" / f"{cid}.json"
         info = read_json(meta, META_RECOVER) if meta.is_file() else {}
         expected = info.get("expected", cell.limit)
@@ -456,7 +501,7 @@ def write_summary(run_dir: Path) -> None:
 
 def cell_records(run_dir: str | Path, cell_id: str, n: int | None = None) -> list[dict[str, Any]]:
     """The first `n` (all if None) finished records of a cell of a run folder, in dataset order."""
-    records = read_records(Path(run_dir) / "cells" / f"{cell_id}.jsonl")
+    records = read_cell(Path(run_dir) / "cells", cell_id)
     return records if n is None else records[:n]
 
 

@@ -230,14 +230,14 @@ def test_sigterm_stops_like_ctrl_c_and_writes_the_summary(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         import harness.runner as runner
-        real = runner.run_cell
-        def run_then_terminate(*args, **kwargs):  # the second cell is stopped by a scheduler's SIGTERM
+        real = runner.evaluate
+        def run_then_terminate(*args, **kwargs):  # the second cell's sample is stopped by a scheduler's SIGTERM
             if (runner.Path({str(tmp_path)!r}) / "summary.done").exists():
                 os.kill(os.getpid(), signal.SIGTERM)
             out = real(*args, **kwargs)
             (runner.Path({str(tmp_path)!r}) / "summary.done").touch()
             return out
-        runner.run_cell = run_then_terminate
+        runner.evaluate = run_then_terminate
         from harness.cli import main
         sys.argv = ["segprune", *{[*RUN, "--method", "none", "--method", "downsample", "--out", str(tmp_path)]!r}]
         main()
