@@ -15,7 +15,9 @@ from typing import Any
 
 import click
 
+from harness.launch import LAUNCHERS
 from harness.model import ATTENTION
+from harness.shards import ENCODER_BATCH
 
 DEFAULT_MODEL = "lisa-tiny-shapes"  # bundled (issue 3); random:tiny stays available for tests
 DEFAULT_DATASET = "shapes-ref:val"
@@ -198,10 +200,26 @@ def _grid_spec(config: Path, spec: Any) -> dict[str, Any]:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="run folder (default: runs/<config name>)")
 @click.option("--data-root", envvar="SEGPRUNE_DATA", default=None)
-@click.option("--device", default=None)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 (default: cpu)")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True)
+@click.option("--launcher", type=click.Choice(LAUNCHERS), default="none", show_default=True,
+              help="none: this process; local: --workers shard processes on this machine; slurm: a job array of "
+                   "--shards tasks (returns at once; see `segprune status`)")
+@click.option("--shards", type=int, default=None, help="slurm: shards, one array task each (default 1); with --shard: "
+                                                       "how many the grid is cut into")
+@click.option("--shard", type=int, default=None, help="run only shard K (0-based) of --shards in this process")
+@click.option("--workers", type=int, default=None, help="local: shard processes (on CUDA one per visible GPU)")
+@click.option("--partition", default=None, help="slurm: partition (default: the cluster's default)")
+@click.option("--gpus-per-task", type=int, default=None, help="slurm: GPUs per shard (default: 1 on CUDA, else 0)")
+@click.option("--cpus-per-task", type=int, default=None, help="slurm: CPU cores per shard")
+@click.option("--mem-gb", type=float, default=None, help="slurm: memory per shard in GB")
+@click.option("--time", "time_min", type=int, default=1440, show_default=True, help="slurm: minutes per shard")
+@click.option("--encoder-batch", type=int, default=ENCODER_BATCH, show_default=True,
+              help="images per CLIP / SAM encoder batch (each image is encoded once for all its queries)")
+@click.option("--no-reuse", is_flag=True, help="encode the image again for every query (throughput comparisons)")
 @friendly
-def grid(config, out, data_root, device, fmt) -> None:
+def grid(config, out, data_root, device, fmt, launcher, shards, shard, workers, partition, gpus_per_task,
+         cpus_per_task, mem_gb, time_min, encoder_batch, no_reuse) -> None:
     """Run a YAML grid: models, methods, datasets (name:split), limit, dtype, attn, decode."""
     import yaml
 
@@ -215,7 +233,109 @@ def grid(config, out, data_root, device, fmt) -> None:
     cells = expand_grid(spec.get("models") or [spec.get("model", DEFAULT_MODEL)], spec["methods"], spec["datasets"],
                         limit=spec.get("limit"), dtype=spec.get("dtype", "fp32"), attn=spec.get("attn", "sdpa"),
                         decode=spec.get("decode", "template"), data_root=data_root)
-    _run_and_report(cells, out or Path("runs") / config.stem, device, fmt)
+    out = out or Path("runs") / config.stem
+    _check_launch_options(launcher, shards, shard, workers, partition, gpus_per_task, cpus_per_task, mem_gb,
+                          time_min, encoder_batch)
+    if launcher == "none":
+        from harness.report import format_table
+        from harness.runner import run_grid
+        from harness.shards import Shard
+
+        part = Shard(shard, shards) if shard is not None else None
+        rows = run_grid(cells, out, device=device, shard=part, encoder_batch=encoder_batch, reuse=not no_reuse,
+                        progress_factory=_progress)
+        click.echo(format_table(rows, fmt))
+        click.echo(f"\nrun folder: {out}" + (f" ({part}; `segprune status {out}` shows the others)" if part else ""))
+        return
+    from harness.launch import launch_file, launch_local, launch_slurm, local_threads
+
+    if launcher == "local":
+        from harness.report import format_table
+        from harness.runner import load_run, prepare_grid
+
+        cells = prepare_grid(cells, device=device)[0]  # everything checked before anything starts; ids resolved
+        path = launch_file(out, cells, workers, encoder_batch, device, reuse=not no_reuse,
+                           threads=local_threads(workers, device))
+        bar = _progress(0, f"{workers} local workers")
+        launch_local(path, workers, on_progress=lambda n: (setattr(bar, "n", n), bar.refresh()))
+        bar.close()
+        ids = {c.id for c in cells}
+        click.echo(format_table([r for r in load_run(out) if r["cell"] in ids], fmt))
+        click.echo(f"\nrun folder: {out}")
+        return
+    cuda = bool(device and device.startswith("cuda"))
+    path = launch_file(out, cells, shards or 1, encoder_batch, device, reuse=not no_reuse)
+    result = launch_slurm(path, partition=partition, gpus_per_task=gpus_per_task if gpus_per_task is not None
+                          else int(cuda), cpus_per_task=cpus_per_task, mem_gb=mem_gb, time_min=time_min)
+    sub = result["submitted"]
+    if sub:
+        ids = sorted({j["job_id"].split("_")[0] for j in sub.values()})
+        click.echo(f"submitted shard(s) {', '.join(map(str, sorted(sub)))} of {shards or 1} as Slurm job "
+                   f"{', '.join(ids)}; logs in {out / 'logs'}")
+    if result["waiting"]:
+        click.echo(f"shard(s) {', '.join(map(str, result['waiting']))} already queued or running: not resubmitted")
+    if not sub and not result["waiting"]:
+        click.echo(f"every shard is finished; `segprune table {out}` shows the results")
+    else:
+        click.echo(f"`segprune status {out}` shows their progress")
+
+
+def _check_launch_options(launcher: str, shards: int | None, shard: int | None, workers: int | None,
+                          partition: str | None, gpus_per_task: int | None, cpus_per_task: int | None,
+                          mem_gb: float | None, time_min: int, encoder_batch: int) -> None:
+    """Options that belong to another launcher, or out of range: one line each, before anything runs."""
+    slurm_only = {"--partition": partition, "--gpus-per-task": gpus_per_task, "--cpus-per-task": cpus_per_task,
+                  "--mem-gb": mem_gb}
+    if launcher != "slurm":
+        given = [name for name, v in slurm_only.items() if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} is an option of --launcher slurm")
+    if launcher != "local" and workers is not None:
+        raise ValueError("--workers is an option of --launcher local (Slurm: --shards)")
+    if launcher == "local" and (workers is None or workers < 1):
+        raise ValueError("--launcher local needs --workers N (N >= 1 shard processes)")
+    if launcher == "local" and shards is not None:
+        raise ValueError("--launcher local cuts the grid into --workers shards; leave out --shards")
+    if shard is not None and launcher != "none":
+        raise ValueError(f"--shard runs one shard in this process; it does not go with --launcher {launcher}")
+    if shard is not None and shards is None:
+        raise ValueError("--shard K needs --shards N (how many shards the grid is cut into)")
+    if shards is not None and shards < 1:
+        raise ValueError(f"--shards must be at least 1, got {shards}")
+    if launcher == "none" and shards is not None and shard is None:
+        raise ValueError("--shards without a launcher: add --launcher slurm, or --shard K to run one shard here")
+    if time_min < 1:
+        raise ValueError(f"--time is in minutes and must be at least 1, got {time_min}")
+    if encoder_batch < 1:
+        raise ValueError(f"--encoder-batch must be at least 1 image, got {encoder_batch}")
+    for name, v in (("--gpus-per-task", gpus_per_task), ("--cpus-per-task", cpus_per_task), ("--mem-gb", mem_gb)):
+        if v is not None and v < (0 if name == "--gpus-per-task" else 1e-9):
+            raise ValueError(f"{name} must be positive, got {v}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@friendly
+def status(run_dir: Path) -> None:
+    """Progress of a run folder: per launch, each shard's finished samples, state, and log."""
+    from harness.launch import launches, shard_states
+    from harness.runner import load_run
+
+    rows = load_run(run_dir)  # also says when the folder is not a run
+    done = sum(r["n"] for r in rows)
+    click.echo(f"{run_dir}: {len(rows)} cell(s), {done} finished sample(s), "
+               f"{sum(r['complete'] for r in rows)} cell(s) complete")
+    for path in launches(run_dir):
+        states = shard_states(path)
+        spec = json.loads(path.read_text())
+        kind = next((j["launcher"] for j in spec.get("jobs", {}).values()), "not launched")
+        click.echo(f"\nlaunch {spec['id']} ({kind}, {spec['shards']} shard(s), {len(spec['cells'])} cell(s))")
+        click.echo(f"{'shard':>5}  {'done':>12}  {'job':<12}  state / log")
+        for s in states:
+            line = f"{s['shard']:>5}  {s['done']:>5} / {s['total']:<5}  {s['job'] or '-':<12}  {s['state']}"
+            if s["state"] not in ("finished", "not submitted") and s["log"]:
+                line += f"  (log: {s['log']})"
+            click.echo(line)
 
 
 @main.command()
