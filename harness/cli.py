@@ -257,8 +257,15 @@ def grid(config, out, data_root, device, fmt, launcher, shards, shard, workers, 
         path = launch_file(out, cells, workers, encoder_batch, device, reuse=not no_reuse,
                            threads=local_threads(workers, device))
         bar = _progress(0, f"{workers} local workers")
-        launch_local(path, workers, on_progress=lambda n: (setattr(bar, "n", n), bar.refresh()))
-        bar.close()
+
+        def show(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        try:
+            launch_local(path, workers, on_progress=show)
+        finally:
+            bar.close()
         ids = {c.id for c in cells}
         click.echo(format_table([r for r in load_run(out) if r["cell"] in ids], fmt))
         click.echo(f"\nrun folder: {out}")

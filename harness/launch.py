@@ -100,6 +100,15 @@ def progress(spec: dict[str, Any]) -> list[tuple[int, int]]:
     return out
 
 
+def records_written(spec: dict[str, Any]) -> int:
+    """Lines in the launch cells' record files: a cheap count for a progress bar (`progress` is exact)."""
+    from harness.runner import cell_files
+
+    run_dir = Path(spec["run_dir"])
+    return sum(p.read_bytes().count(b"\n") for cid in resolved_ids(run_dir, spec["cells"]) if cid
+               for p in cell_files(run_dir / "cells", cid))
+
+
 def resolved_ids(run_dir: Path, cells: list[dict[str, Any]]) -> list[str | None]:
     """The id each launch cell has in the run folder's config (a cell's id includes its model and data
     fingerprints, which a shard computes when it loads them; None until one has)."""
@@ -234,17 +243,18 @@ def launch_local(path: Path, workers: int, *, on_progress: Any = None) -> None:
         executor.update_parameters(timeout_min=60 * 24 * 30, **gpus)
         jobs[k] = executor.submit(run_shard, str(path), k)
     record_jobs(path, {k: _job_record(job, "local") for k, job in jobs.items()})
+    total = sum(s["total"] for s in states)
     try:
         while not all(job.done() for job in jobs.values()):
             if on_progress:
-                on_progress(sum(d for d, _ in progress(spec)))
+                on_progress(min(total, records_written(spec)), total)
             time.sleep(2)
     except KeyboardInterrupt:
         for job in jobs.values():
             job.cancel(check=False)
         raise
     if on_progress:
-        on_progress(sum(d for d, _ in progress(spec)))
+        on_progress(min(total, records_written(spec)), total)
     failed = [(k, job) for k, job in jobs.items() if job.exception() is not None]
     if failed:
         k, job = failed[0]

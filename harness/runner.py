@@ -261,7 +261,7 @@ class CellWriter:
     """The one writer of a cell's record file for this process (its shard's file), holding the file's lock."""
 
     def __init__(self, out_dir: Path, cell: Cell, method: Method, model: Any, expected: int, suffix: str,
-                 stack: contextlib.ExitStack):
+                 env: dict[str, Any], stack: contextlib.ExitStack):
         cells_dir = out_dir / "cells"
         self.path = cells_dir / f"{cell.id}{suffix}.jsonl"
         try:
@@ -277,7 +277,7 @@ class CellWriter:
                                  f"was made with {before}; use a new run folder or delete the cell's files to "
                                  f"rerun it")
         write_json(meta_path, {**asdict(cell), "id": cell.id, "resolved_method": method.spec(), "expected": expected,
-                               "grid": list(model.info.grid), "environment": environment(model)})
+                               "grid": list(model.info.grid), "environment": env})
         read_records(self.path, repair=True)  # a torn last line (killed mid-write) is cut before appending
         self.file = stack.enter_context(self.path.open("a"))
 
@@ -409,7 +409,8 @@ def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = Non
     out_dir = Path(out_dir)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     _merge_config(out_dir, cells)
-    write_json(out_dir / "environment.json", environment(next(iter(models.values()))))
+    envs = {key: environment(model) for key, model in models.items()}  # reading the lock takes a while: once
+    write_json(out_dir / "environment.json", next(iter(envs.values())))
     mine = shard_blocks(plan(cells, datasets, encoder_batch), shard)
     try:
         with contextlib.ExitStack() as stack:
@@ -418,7 +419,8 @@ def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = Non
                 for ci, _ in block.items:
                     counts[ci] = counts.get(ci, 0) + 1
             writers = {ci: CellWriter(out_dir, cells[ci], methods[cells[ci].id], models[model_key(cells[ci])],
-                                      len(datasets[data_key(cells[ci])]), shard.suffix, stack) for ci in counts}
+                                      len(datasets[data_key(cells[ci])]), shard.suffix, envs[model_key(cells[ci])],
+                                      stack) for ci in counts}
             done = {ci: {r["sample_id"] for r in read_cell(out_dir / "cells", cells[ci].id)} for ci in writers}
             todo = [[(ci, si) for ci, si in b.items if datasets[b.data][si].id not in done[ci]] for b in mine]
             bar = progress_factory(sum(map(len, todo)), "grid" if shard.count == 1 else str(shard)) \
@@ -429,17 +431,12 @@ def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = Non
                 if bar is not None:
                     bar.close()
     finally:
-        write_summary(out_dir)  # every cell of the folder, from the records of every shard
+        summary = write_summary(out_dir)  # every cell of the folder, from the records of every shard
     from harness.analysis import analyze_run
 
     analyze_run(out_dir)
-    rows = []
-    for cell in cells:
-        samples = datasets[data_key(cell)]
-        ids = {s.id for s in samples}
-        records = [r for r in read_cell(out_dir / "cells", cell.id) if r["sample_id"] in ids]
-        rows.append(summarize_cell(cell, records, len(samples), methods[cell.id].spec()))
-    return rows
+    by_id = {r["cell"]: r for r in summary}
+    return [by_id[c.id] for c in cells]
 
 
 def _run_blocks(blocks: list[Block], todo: list[list[tuple[int, int]]], cells: list[Cell], models: dict,
@@ -489,14 +486,15 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_summary(run_dir: Path) -> None:
-    """summary.csv / summary.json: one row per cell of the folder, from its records."""
+def write_summary(run_dir: Path) -> list[dict[str, Any]]:
+    """summary.csv / summary.json: one row per cell of the folder, from its records. Returns the rows."""
     import pandas as pd
 
     with exclusive(run_dir / ".lock", wait=True):
         rows = load_run(run_dir)
         write_atomic(run_dir / "summary.csv", pd.DataFrame(rows).to_csv(index=False))
         write_json(run_dir / "summary.json", rows)
+    return rows
 
 
 def cell_records(run_dir: str | Path, cell_id: str, n: int | None = None) -> list[dict[str, Any]]:
