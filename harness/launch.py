@@ -67,8 +67,9 @@ def run_shard(launch: str, index: int) -> dict[str, Any]:
 
     third_parties_offline_and_quiet("grid")  # a shard is segprune too: no network, quiet third parties
     spec = read_json(launch, LAUNCH_RECOVER)
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
+    threads = spec.get("threads") or os.environ.get("SLURM_CPUS_PER_TASK")  # the cores it was given, not the node's
+    if threads:
+        torch.set_num_threads(int(threads))
     cells = [Cell(**{k: v for k, v in c.items() if k in Cell.__dataclass_fields__}) for c in spec["cells"]]
     rows = run_grid(cells, spec["run_dir"], device=spec["device"], shard=Shard(index, spec["shards"]),
                     encoder_batch=spec["encoder_batch"], reuse=spec.get("reuse", True))
@@ -143,10 +144,11 @@ def shard_states(path: Path) -> list[dict[str, Any]]:
     for k, (done, total) in enumerate(progress(spec)):
         job = jobs.get(str(k), {})
         row = {"shard": k, "done": done, "total": total, "job": job.get("job_id"), "log": job.get("stderr")}
+        row["queued"] = job.get("job_id") in queued or (job.get("launcher") == "local" and _alive(job["job_id"]))
         if done == total:
             row["state"] = "finished"
-        elif job.get("job_id") in queued:
-            row["state"] = queued[job["job_id"]].lower()
+        elif row["queued"]:
+            row["state"] = queued[job["job_id"]].lower() if job["launcher"] == "slurm" else "running"
         elif not job:
             row["state"] = "not submitted"
         else:
@@ -154,6 +156,17 @@ def shard_states(path: Path) -> list[dict[str, Any]]:
             row["state"] = f"failed: {error}" if error else "stopped (killed, timed out or its node lost)"
         rows.append(row)
     return rows
+
+
+def _alive(pid: str) -> bool:
+    """Whether a local job's controller process (its job id is the pid) still runs."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def failure(job: dict[str, Any]) -> str | None:
@@ -185,8 +198,8 @@ def launch_slurm(path: Path, *, partition: str | None, gpus_per_task: int, cpus_
                          "that can submit jobs, or use --launcher local")
     spec = read_json(path, LAUNCH_RECOVER)
     states = shard_states(path)
-    waiting = [s["shard"] for s in states if s["state"] in ("pending", "running", "configuring", "completing")]
-    todo = [s["shard"] for s in states if s["state"] != "finished" and s["shard"] not in waiting]
+    waiting = [s["shard"] for s in states if s["queued"] and s["state"] != "finished"]  # in squeue, any state
+    todo = [s["shard"] for s in states if s["state"] != "finished" and not s["queued"]]
     if not todo:
         return {"submitted": {}, "waiting": waiting, "finished": sum(s["state"] == "finished" for s in states)}
     executor = submitit.SlurmExecutor(folder=Path(spec["run_dir"]) / "logs" / "%j")
@@ -235,6 +248,10 @@ def launch_local(path: Path, workers: int, *, on_progress: Any = None) -> None:
         raise ValueError(f"--workers {workers} but {torch.cuda.device_count()} GPU(s) are visible; use at most one "
                          f"worker per GPU")
     states = shard_states(path)
+    running = [s["shard"] for s in states if s["queued"] and s["state"] != "finished"]
+    if running:
+        raise ValueError(f"shard(s) {', '.join(map(str, running))} of this grid are being run by another local "
+                         f"launch into {spec['run_dir']}; wait for it (`segprune status`), or use another --out")
     todo = [s["shard"] for s in states if s["state"] != "finished"]
     executor = submitit.LocalExecutor(folder=Path(spec["run_dir"]) / "logs" / "local-%j")
     jobs = {}

@@ -138,7 +138,7 @@ def wait_for_queue(timeout: float = 240) -> None:
 
 def submit(grid: Path, run: Path, *extra: str):
     out = CliRunner().invoke(main, ["grid", str(grid), "--out", str(run), "--launcher", "slurm", "--shards", "2",
-                                    "--encoder-batch", "2", "--time", "10", *extra])
+                                    "--encoder-batch", "2", "--time", "10", "--cpus-per-task", "1", *extra])
     print(out.output)  # the CI log shows what a user sees
     return out
 
@@ -148,12 +148,15 @@ def test_slurm_job_array_merges_to_the_single_process_records(tmp_path, slurm):
     grid, run = write_grid(tmp_path), tmp_path / "run"
     out = submit(grid, run)
     assert out.exit_code == 0 and "submitted shard(s) 0, 1 of 2 as Slurm job" in out.output, out.output
+    twice = submit(grid, run)  # the same launch again while it runs: nothing is submitted twice
+    assert twice.exit_code == 0 and "submitted shard" not in twice.output, twice.output
+    assert "already queued or running" in twice.output or "every shard is finished" in twice.output
     wait_for_queue()
     status = CliRunner().invoke(main, ["status", str(run)])
     print(status.output)
     assert status.exit_code == 0 and status.output.count("12 / 12") == 2, status.output
     assert [s["state"] for s in shard_states(launches(run)[0])] == ["finished", "finished"]
-    assert_same(records_by_cell(run), single_process(tmp_path))
+    assert_same(records_by_cell(run), single_process(tmp_path, threads=1))  # a task's torch threads: its 1 CPU
     again = submit(grid, run)
     assert again.exit_code == 0 and "every shard is finished" in again.output  # nothing is done twice
 

@@ -201,10 +201,13 @@ def hand_data():
         # P8: every output fails; its large output 1 decides that output 1 is the part and output 2 the sub-part.
         _prompt(32, [[(0, 32, 0, 32, POS)], [(6, 26, 6, 26, POS)], [(0, 2, 0, 2, POS)]], [0.20, 0.20, 0.20]),
     ]
-    low = torch.from_numpy(np.stack([p[0] for p in prompts]))
-    iou = torch.from_numpy(np.stack([p[1] for p in prompts]))
     cfg = sp.SuperpixelProjector(source="sam", iou_thresh=0.875, stability_thresh=0.75, nms_thresh=0.5, min_area=16)
-    return low, iou, _up_nearest, cfg
+    return *_stacked(prompts), _up_nearest, cfg
+
+
+def _stacked(prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low-res logits (P, 3, h, w), IoUs (P, 3)) of hand-made prompts."""
+    return torch.from_numpy(np.stack([p[0] for p in prompts])), torch.from_numpy(np.stack([p[1] for p in prompts]))
 
 
 def tie_data():
@@ -214,10 +217,8 @@ def tie_data():
         _prompt(24, [[(0, 6, 0, 6, POS)], [(10, 14, 0, 9, POS)], [(2, 4, 2, 4, POS)]], [0.80, 0.80, 0.90]),
         _prompt(24, [[(0, 6, 10, 16, POS)], [(16, 20, 10, 19, POS)], [(17, 18, 12, 14, POS)]], [0.90, 0.81, 0.88]),
     ]
-    low = torch.from_numpy(np.stack([p[0] for p in prompts]))
-    iou = torch.from_numpy(np.stack([p[1] for p in prompts]))
     cfg = sp.SuperpixelProjector(source="sam", iou_thresh=0.86, stability_thresh=0.9, nms_thresh=0.7, min_area=8)
-    return low, iou, _up_nearest, cfg
+    return *_stacked(prompts), _up_nearest, cfg
 
 
 def random_data():
