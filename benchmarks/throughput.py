@@ -56,7 +56,7 @@ def main() -> None:
             rows = load_run(out)
             records = [r for row in rows for r in read_cell(out / "cells", row["cell"])]
             encoders = sum(r["latency_s"].get("vision", 0.0) + r["latency_s"].get("sam_encoder", 0.0)
-                           for r in records) / len(records)
+                           for r in records if r.get("encoded", True)) / len(records)  # where they ran
             giou = {row["spec"]: row["giou"] for row in rows}
             rate = len(records) / wall
             base_rate, base_giou = base_rate or rate, base_giou or giou

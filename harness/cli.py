@@ -236,24 +236,26 @@ def grid(config, out, data_root, device, fmt, launcher, shards, shard, workers, 
     out = out or Path("runs") / config.stem
     _check_launch_options(launcher, shards, shard, workers, partition, gpus_per_task, cpus_per_task, mem_gb,
                           time_min, encoder_batch)
+    from harness.launch import launch_file, launch_local, launch_slurm, local_threads, read_launch, record_resolved
+    from harness.report import format_table
+    from harness.runner import run_grid, write_summary
+
     if launcher == "none":
-        from harness.report import format_table
-        from harness.runner import run_grid
         from harness.shards import Shard
 
-        part = Shard(shard, shards) if shard is not None else None
+        part, path = None, None
+        if shard is not None:  # a launch file, so that `status` knows the plan this shard belongs to
+            part = Shard(shard, shards)
+            path = launch_file(out, cells, shards, encoder_batch, device, reuse=not no_reuse)
         rows = run_grid(cells, out, device=device, shard=part, encoder_batch=encoder_batch, reuse=not no_reuse,
-                        progress_factory=_progress)
+                        progress_factory=_progress, on_prepared=(lambda ready: record_resolved(path, ready))
+                        if path else None)
         click.echo(format_table(rows, fmt))
         click.echo(f"\nrun folder: {out}" + (f" ({part}; `segprune status {out}` shows the others)" if part else ""))
         return
-    from harness.launch import launch_file, launch_local, launch_slurm, local_threads
-
     if launcher == "local":
-        from harness.report import format_table
-        from harness.runner import load_run, prepare_grid
+        from harness.analysis import analyze_run
 
-        cells = prepare_grid(cells, device=device)[0]  # everything checked before anything starts; ids resolved
         path = launch_file(out, cells, workers, encoder_batch, device, reuse=not no_reuse,
                            threads=local_threads(workers, device))
         bar = _progress(0, f"{workers} local workers")
@@ -266,11 +268,17 @@ def grid(config, out, data_root, device, fmt, launcher, shards, shard, workers, 
             launch_local(path, workers, on_progress=show)
         finally:
             bar.close()
-        ids = {c.id for c in cells}
-        click.echo(format_table([r for r in load_run(out) if r["cell"] in ids], fmt))
+        ids = read_launch(path).get("resolved") or []
+        by_id = {r["cell"]: r for r in write_summary(out)}
+        analyze_run(out)
+        click.echo(format_table([by_id[i] for i in ids if i in by_id], fmt))
         click.echo(f"\nrun folder: {out}")
         return
     cuda = bool(device and device.startswith("cuda"))
+    if cuda and device != "cuda":
+        raise ValueError(f"--launcher slurm gives each task its own GPU(s): use --device cuda, not {device}")
+    if cuda and gpus_per_task == 0:
+        raise ValueError("--device cuda with --gpus-per-task 0: a task would have no GPU; leave out --gpus-per-task")
     path = launch_file(out, cells, shards or 1, encoder_batch, device, reuse=not no_reuse)
     result = launch_slurm(path, partition=partition, gpus_per_task=gpus_per_task if gpus_per_task is not None
                           else int(cuda), cpus_per_task=cpus_per_task, mem_gb=mem_gb, time_min=time_min)
@@ -325,16 +333,23 @@ def _check_launch_options(launcher: str, shards: int | None, shard: int | None, 
 @friendly
 def status(run_dir: Path) -> None:
     """Progress of a run folder: per launch, each shard's finished samples, state, and log."""
-    from harness.launch import launches, shard_states
-    from harness.runner import load_run
+    from harness.launch import launches, read_launch, shard_states
+    from harness.runner import load_run, write_summary
 
-    rows = load_run(run_dir)  # also says when the folder is not a run
-    done = sum(r["n"] for r in rows)
-    click.echo(f"{run_dir}: {len(rows)} cell(s), {done} finished sample(s), "
-               f"{sum(r['complete'] for r in rows)} cell(s) complete")
+    if (run_dir / "config.json").is_file() or not launches(run_dir):
+        rows = load_run(run_dir)  # also says when the folder is not a run
+        click.echo(f"{run_dir}: {len(rows)} cell(s), {sum(r['n'] for r in rows)} finished sample(s), "
+                   f"{sum(r['complete'] for r in rows)} cell(s) complete")
+    else:
+        click.echo(f"{run_dir}: no shard has started yet")
     for path in launches(run_dir):
         states = shard_states(path)
-        spec = json.loads(path.read_text())
+        spec = read_launch(path)
+        if all(s["state"] == "finished" for s in states) and (run_dir / "config.json").is_file():
+            from harness.analysis import analyze_run
+
+            write_summary(run_dir)  # shards leave the summary to this: one pass once they are all done
+            analyze_run(run_dir)
         kind = next((j["launcher"] for j in spec.get("jobs", {}).values()), "not launched")
         click.echo(f"\nlaunch {spec['id']} ({kind}, {spec['shards']} shard(s), {len(spec['cells'])} cell(s))")
         click.echo(f"{'shard':>5}  {'done':>12}  {'job':<12}  state / log")

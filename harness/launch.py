@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from harness.files import exclusive, read_json, write_json
+from harness.files import Busy, exclusive, read_json, write_json
 from harness.shards import Shard, data_key, plan, shard_blocks
 
 LAUNCH_RECOVER = "delete it and rerun the command that launched the grid (finished samples are kept)"
@@ -39,16 +39,47 @@ LAUNCHERS = ("none", "local", "slurm")
 
 def launch_file(out_dir: Path, cells: list[Any], shards: int, encoder_batch: int, device: str | None,
                 reuse: bool = True, threads: int | None = None) -> Path:
-    """Write (or find) the launch of `cells` in `shards` into the run folder; returns its path."""
-    content = {"cells": [{**asdict(c), "id": c.id} for c in cells], "shards": shards, "encoder_batch": encoder_batch}
+    """Write (or find) the launch of `cells` in `shards` into the run folder; returns its path.
+
+    Its id hashes everything a shard runs with, the harness version and what the model paths hold (file names,
+    sizes, times), so the same command finds the same launch, and new weights at the same path make a new one. The
+    cells' ids (which include the model's fingerprint) are filled in by the first shard that loads them.
+    """
+    import harness
+
+    content = {"cells": [{k: v for k, v in asdict(c).items() if k not in ("model_fingerprint", "data_fingerprint")}
+                         for c in cells], "shards": shards, "encoder_batch": encoder_batch, "device": device,
+               "reuse": reuse, "threads": threads, "harness": harness.__version__,
+               "models": {c.model: _stamp(c.model) for c in cells}}
     lid = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:12]
     path = out_dir / "launches" / f"{lid}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(path.with_suffix(".lock"), wait=True):
         old = read_json(path, LAUNCH_RECOVER) if path.is_file() else {}
-        write_json(path, {**content, "id": lid, "run_dir": str(out_dir.resolve()), "device": device, "reuse": reuse,
-                          "threads": threads, "jobs": old.get("jobs", {})})
+        write_json(path, {**content, "id": lid, "run_dir": str(out_dir.resolve()), "resolved": old.get("resolved"),
+                          "jobs": old.get("jobs", {})})
     return path
+
+
+def _stamp(model: str) -> list[list[Any]] | str:
+    """What a model folder holds, cheaply: each file's name, size and modification time (a name: itself)."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return model
+    return sorted([str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns]
+                  for f in folder.rglob("*") if f.is_file())
+
+
+def record_resolved(path: Path, cells: list[Any]) -> None:
+    """The launch cells' ids in the run folder (with model and data fingerprints), as a shard found them."""
+    with exclusive(path.with_suffix(".lock"), wait=True):
+        spec = read_json(path, LAUNCH_RECOVER)
+        spec["resolved"] = [c.id for c in cells]
+        write_json(path, spec)
+
+
+def read_launch(path: Path) -> dict[str, Any]:
+    return read_json(path, LAUNCH_RECOVER)
 
 
 def record_jobs(path: Path, jobs: dict[int, dict[str, Any]]) -> None:
@@ -71,9 +102,10 @@ def run_shard(launch: str, index: int) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(int(threads))
     cells = [Cell(**{k: v for k, v in c.items() if k in Cell.__dataclass_fields__}) for c in spec["cells"]]
-    rows = run_grid(cells, spec["run_dir"], device=spec["device"], shard=Shard(index, spec["shards"]),
-                    encoder_batch=spec["encoder_batch"], reuse=spec.get("reuse", True))
-    return {"shard": index, "samples": sum(r["n"] for r in rows)}
+    run_grid(cells, spec["run_dir"], device=spec["device"], shard=Shard(index, spec["shards"]),
+             encoder_batch=spec["encoder_batch"], reuse=spec["reuse"], summarize=False,
+             on_prepared=lambda ready: record_resolved(Path(launch), ready))
+    return {"shard": index}
 
 
 # -- progress ----------------------------------------------------------------------------------------------------
@@ -86,10 +118,10 @@ def progress(spec: dict[str, Any]) -> list[tuple[int, int]]:
     cells = [Cell(**{k: v for k, v in c.items() if k in Cell.__dataclass_fields__}) for c in spec["cells"]]
     datasets: dict[tuple[Any, ...], list[Any]] = {}
     for c in cells:
-        if data_key(c) not in datasets:
-            datasets[data_key(c)] = harness.load_dataset(c.dataset, c.split, root=c.data_root, limit=c.limit)
+        if data_key(c) not in datasets:  # as the runner lists it: the whole split, then its first `limit`
+            datasets[data_key(c)] = harness.load_dataset(c.dataset, c.split, root=c.data_root)[:c.limit]
     run_dir = Path(spec["run_dir"])
-    ids = resolved_ids(run_dir, spec["cells"])
+    ids = spec.get("resolved") or [None] * len(cells)  # unknown until a shard has loaded the models: 0 done
     done = {i: {r["sample_id"] for r in read_cell(run_dir / "cells", cid)} if cid else set()
             for i, cid in enumerate(ids)}
     blocks = plan(cells, datasets, spec["encoder_batch"])
@@ -105,30 +137,21 @@ def records_written(spec: dict[str, Any]) -> int:
     """Lines in the launch cells' record files: a cheap count for a progress bar (`progress` is exact)."""
     from harness.runner import cell_files
 
+    spec = read_json(spec["path"], LAUNCH_RECOVER) if "path" in spec else spec  # the resolved ids, once known
+
     run_dir = Path(spec["run_dir"])
-    return sum(p.read_bytes().count(b"\n") for cid in resolved_ids(run_dir, spec["cells"]) if cid
+    return sum(p.read_bytes().count(b"\n") for cid in spec.get("resolved") or []
                for p in cell_files(run_dir / "cells", cid))
-
-
-def resolved_ids(run_dir: Path, cells: list[dict[str, Any]]) -> list[str | None]:
-    """The id each launch cell has in the run folder's config (a cell's id includes its model and data
-    fingerprints, which a shard computes when it loads them; None until one has)."""
-    from harness.runner import CONFIG_RECOVER
-
-    def content(c: dict[str, Any]) -> tuple:
-        return tuple(sorted((k, json.dumps(v)) for k, v in c.items()
-                            if k not in ("id", "model_fingerprint", "data_fingerprint")))
-
-    config = run_dir / "config.json"
-    known = {content(c): c["id"] for c in read_json(config, CONFIG_RECOVER)["cells"]} if config.is_file() else {}
-    return [c["id"] if c.get("model_fingerprint") else known.get(content(c)) for c in cells]
 
 
 def queue_states(job_ids: list[str]) -> dict[str, str]:
     """Slurm state of the jobs still queued or running (`squeue`; jobs it no longer knows are absent)."""
     if not job_ids or not shutil.which("squeue"):
         return {}
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise ValueError("squeue did not answer in 60 s; is the Slurm controller up (`sinfo`)?") from None
     if out.returncode != 0:
         raise ValueError(f"squeue failed: {_last_line(out.stderr)}; is Slurm reachable from this machine?")
     states = dict(line.split("|", 1) for line in out.stdout.split() if "|" in line)
@@ -144,11 +167,12 @@ def shard_states(path: Path) -> list[dict[str, Any]]:
     for k, (done, total) in enumerate(progress(spec)):
         job = jobs.get(str(k), {})
         row = {"shard": k, "done": done, "total": total, "job": job.get("job_id"), "log": job.get("stderr")}
-        row["queued"] = job.get("job_id") in queued or (job.get("launcher") == "local" and _alive(job["job_id"]))
+        writing = _writing(Path(spec["run_dir"]), Shard(k, spec["shards"]))
+        row["queued"] = job.get("job_id") in queued or writing
         if done == total:
             row["state"] = "finished"
         elif row["queued"]:
-            row["state"] = queued[job["job_id"]].lower() if job["launcher"] == "slurm" else "running"
+            row["state"] = queued[job["job_id"]].lower() if job.get("job_id") in queued else "running"
         elif not job:
             row["state"] = "not submitted"
         else:
@@ -158,15 +182,16 @@ def shard_states(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _alive(pid: str) -> bool:
-    """Whether a local job's controller process (its job id is the pid) still runs."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+def _writing(run_dir: Path, shard: Shard) -> bool:
+    """Whether a process holds one of the shard's cell locks now (it is running, on any node of a shared file
+    system); a dead one holds none."""
+    for lock in (run_dir / "cells").glob(f"*{shard.suffix}.lock") if shard.count > 1 else ():
+        try:
+            with exclusive(lock, wait=False):
+                pass
+        except Busy:
+            return True
+    return False
 
 
 def failure(job: dict[str, Any]) -> str | None:
@@ -242,11 +267,7 @@ def launch_local(path: Path, workers: int, *, on_progress: Any = None) -> None:
     import torch
 
     spec = read_json(path, LAUNCH_RECOVER)
-    device = spec["device"] or "cpu"
-    cuda = device.startswith("cuda")
-    if cuda and workers > torch.cuda.device_count():
-        raise ValueError(f"--workers {workers} but {torch.cuda.device_count()} GPU(s) are visible; use at most one "
-                         f"worker per GPU")
+    gpus = worker_gpus(workers, spec["device"], torch.cuda.device_count())
     states = shard_states(path)
     running = [s["shard"] for s in states if s["queued"] and s["state"] != "finished"]
     if running:
@@ -256,11 +277,12 @@ def launch_local(path: Path, workers: int, *, on_progress: Any = None) -> None:
     executor = submitit.LocalExecutor(folder=Path(spec["run_dir"]) / "logs" / "local-%j")
     jobs = {}
     for k in todo:
-        gpus = {"gpus_per_node": 1, "visible_gpus": (k % workers,)} if cuda else {"gpus_per_node": 0}
-        executor.update_parameters(timeout_min=60 * 24 * 30, **gpus)
+        one = {"gpus_per_node": 1, "visible_gpus": (gpus[k],)} if gpus else {"gpus_per_node": 0}
+        executor.update_parameters(timeout_min=60 * 24 * 30, **one)
         jobs[k] = executor.submit(run_shard, str(path), k)
     record_jobs(path, {k: _job_record(job, "local") for k, job in jobs.items()})
     total = sum(s["total"] for s in states)
+    spec["path"] = str(path)
     try:
         while not all(job.done() for job in jobs.values()):
             if on_progress:
@@ -275,8 +297,29 @@ def launch_local(path: Path, workers: int, *, on_progress: Any = None) -> None:
     failed = [(k, job) for k, job in jobs.items() if job.exception() is not None]
     if failed:
         k, job = failed[0]
-        raise ValueError(f"shard {k} of {spec['shards']} failed: {_last_line(str(job.exception()))} (log: "
-                         f"{job.paths.stderr}); rerun the same command to run only the unfinished shards")
+        error = failure(_job_record(job, "local")) or "it stopped without a result (killed?)"
+        raise ValueError(f"shard {k} of {spec['shards']} failed: {error} (log: {job.paths.stderr}); rerun the same "
+                         f"command to run only the unfinished shards")
+
+
+def worker_gpus(workers: int, device: str | None, visible: int) -> list[int]:
+    """The GPU each local worker gets (as CUDA_VISIBLE_DEVICES, so it sees it as cuda:0): the k-th of this process's
+    visible GPUs (its own CUDA_VISIBLE_DEVICES, if set); [] on CPU."""
+    if not device or not device.startswith("cuda"):
+        return []
+    if device != "cuda":
+        raise ValueError(f"--launcher local gives each worker one GPU: use --device cuda, not {device} (restrict the "
+                         f"GPUs with CUDA_VISIBLE_DEVICES)")
+    if workers > visible:
+        raise ValueError(f"--workers {workers} but {visible} GPU(s) are visible; use at most one worker per GPU")
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not listed:
+        return list(range(workers))
+    ids = [x.strip() for x in listed.split(",") if x.strip()]
+    if not all(x.isdigit() for x in ids):
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={listed} names GPUs by UUID; give their indices to use "
+                         f"--launcher local")
+    return [int(x) for x in ids[:workers]]
 
 
 def local_threads(workers: int, device: str | None) -> int | None:

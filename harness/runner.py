@@ -4,7 +4,9 @@ A run folder:
     config.json            the resolved grid (every cell with its resolved method parameters)
     environment.json       versions, git commit, device, dtype, attention backend, threads, uv.lock hash and
                            whether the installed packages are the locked ones (`harness.lockfile`)
-    cells/<cell_id>.jsonl  one record per finished sample (complete lines only; a torn last line is dropped)
+    cells/<cell_id>.jsonl  one record per finished sample (complete lines only; a torn last line is dropped); shard k
+                           of n writes cells/<cell_id>.<k>-of-<n>.jsonl, and `read_cell` merges them
+    launches/<id>.json     a sharded launch (`harness.launch`)
     cells/<cell_id>.json   the cell's resolved content
     summary.csv / .json    one row per cell, aggregated from the records
     analysis.json / .csv   mask agreement with the unpruned model, ground-truth token recall per layer and its
@@ -233,7 +235,8 @@ class Encoded:
     prepared: Any
     vision: Any
     sam: Any
-    seconds: dict[str, float]  # the encoders' time per image: given to the image's first record, then emptied
+    seconds: dict[str, float]  # the encoders' time for this image (its share of the batch)
+    ran: bool = False  # whether a record already says it ran the encoders ("encoded": the first query of the image)
 
 
 def encode_images(model: Any, images: list[Any]) -> list[Encoded]:
@@ -269,6 +272,15 @@ class CellWriter:
         except Busy as busy:
             raise ValueError(f"{cell.method} on {cell.dataset}:{cell.split} is being run into {out_dir} by another "
                              f"process (pid {busy.holder}); wait for it to finish, or use another --out") from None
+        for other in (cells_dir / f"{cell.id}.lock", *cells_dir.glob(f"{cell.id}.*-of-*.lock")):
+            if other.name != f"{cell.id}{suffix}.lock":  # another shard count, or one process, on the same cell
+                try:
+                    with exclusive(other, wait=False):
+                        pass
+                except Busy as busy:
+                    raise ValueError(f"{cell.method} on {cell.dataset}:{cell.split} is being run into {out_dir} by "
+                                     f"another launch (pid {busy.holder}, {other.name}); wait for it, or rerun "
+                                     f"with its shard count (`segprune status {out_dir}`)") from None
         meta_path = cells_dir / f"{cell.id}.json"
         if meta_path.is_file() and any(read_records(p) for p in cell_files(cells_dir, cell.id)):
             before = read_json(meta_path, META_RECOVER).get("resolved_method", method.spec())
@@ -302,11 +314,12 @@ def evaluate(model: Any, cell: Cell, sample: Any, index: int, method: Method, en
                          f"replace the image or fix its annotation")
     inter, union = intersection_union(r.mask, gt)
     latency = dict(r.latency)
-    if encoded is not None:  # encoders timed where they ran, on the image's first record; absent (not 0) after
+    ran = True
+    if encoded is not None:  # the image's encoder time (its share of the batch) is part of each of its queries
         latency.update(encoded.seconds)
-        encoded.seconds = {}
+        ran, encoded.ran = not encoded.ran, True
     rec = {
-        "sample_id": sample.id, "index": index, "image_id": sample.image_id, "query": sample.query,
+        "sample_id": sample.id, "index": index, "image_id": sample.image_id, "query": sample.query, "encoded": ran,
         "intersection": inter, "union": union, "iou": sample_iou(inter, union), "n_avg": r.trace.n_avg,
         "image_tokens_per_layer": r.trace.image_tokens_per_layer,
         "tokens_per_layer": r.trace.tokens_per_layer, "kept_patches": _segments(r.trace.kept_patches),
@@ -385,7 +398,7 @@ def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[
         if dkey not in datasets:
             split = harness.load_dataset(cell.dataset, cell.split, root=cell.data_root)  # whole: the fingerprint
             splits[dkey] = data_fingerprint(split)  # must not depend on the limit (a larger limit resumes)
-            datasets[dkey] = split[:cell.limit] if cell.limit is not None else split
+            datasets[dkey] = split[:cell.limit]
         method = create_method(cell.method, info=models[key].info)  # a budget spec resolves on its model
         method.bind(models[key].info)
         method.check_data(cell.dataset, cell.split)
@@ -395,22 +408,27 @@ def prepare_grid(cells: list[Cell], *, device: str | None = None) -> tuple[list[
 
 
 def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = None, shard: Shard | None = None,
-             encoder_batch: int = ENCODER_BATCH, reuse: bool = True,
+             encoder_batch: int = ENCODER_BATCH, reuse: bool = True, summarize: bool = True,
+             on_prepared: Callable[[list[Cell]], None] | None = None,
              progress_factory: Callable[[int, str], Any] | None = None) -> list[dict[str, Any]]:
     """Run the unfinished items of `shard` (default: all of them, one process) and write config, environment and
     summary into `out_dir`. Returns the summary rows of `cells`, from the records of every shard.
 
     Items run image by image (`harness.shards`): each image is preprocessed and encoded (CLIP, SAM's image encoder)
     once, in batches of `encoder_batch` images, for all its queries in every cell; `reuse=False` computes them for
-    every query instead (what a naive loop does; for throughput comparisons).
+    every query instead (what a naive loop does; for throughput comparisons). `summarize=False` (a launcher's shard)
+    writes no summary or analysis (`segprune status` does, once every shard has finished) and returns no rows;
+    `on_prepared` gets the cells with their ids once models and data are loaded.
     """
     shard = shard or Shard()
     cells, models, datasets, methods = prepare_grid(cells, device=device)
     out_dir = Path(out_dir)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     _merge_config(out_dir, cells)
+    if on_prepared:
+        on_prepared(cells)
     envs = {key: environment(model) for key, model in models.items()}  # reading the lock takes a while: once
-    write_json(out_dir / "environment.json", next(iter(envs.values())))
+    write_json(out_dir / f"environment{shard.suffix}.json", next(iter(envs.values())))  # a shard's node: its own
     mine = shard_blocks(plan(cells, datasets, encoder_batch), shard)
     try:
         with contextlib.ExitStack() as stack:
@@ -431,7 +449,9 @@ def run_grid(cells: list[Cell], out_dir: str | Path, *, device: str | None = Non
                 if bar is not None:
                     bar.close()
     finally:
-        summary = write_summary(out_dir)  # every cell of the folder, from the records of every shard
+        summary = write_summary(out_dir) if summarize else []  # every cell of the folder, from every shard's records
+    if not summarize:
+        return []
     from harness.analysis import analyze_run
 
     analyze_run(out_dir)
@@ -448,8 +468,7 @@ def _run_blocks(blocks: list[Block], todo: list[list[tuple[int, int]]], cells: l
             continue
         model = models[block.model]
         samples = datasets[block.data]
-        needed = {samples[si].image_id for _, si in items}
-        images = [(i, im) for i, im in block.images if i in needed]
+        images = block.images  # the whole block, also on resume: the encoders see the batches an unbroken run does
         encoded = dict(zip([i for i, _ in images], encode_images(model, [im for _, im in images]), strict=True)) \
             if reuse else {}
         for ci, si in items:
@@ -477,8 +496,8 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
         meta = run_dir / "cells" / f"{cid}.json"
         info = read_json(meta, META_RECOVER) if meta.is_file() else {}
         expected = info.get("expected", cell.limit)
-        if expected is not None:
-            records = records[:expected]  # records are in dataset order; a smaller limit shows its prefix
+        if expected is not None:  # a smaller limit shows its prefix (shards may have filled later samples first)
+            records = [r for k, r in enumerate(records) if r.get("index", k) < expected]
         row = summarize_cell(cell, records, expected, info.get("resolved_method"))
         row["cell"] = cid
         row["missing"] = not records

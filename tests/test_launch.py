@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from harness.cli import main
-from harness.launch import launches, local_threads, shard_states
+from harness.launch import launches, local_threads, shard_states, worker_gpus
 from harness.runner import expand_grid, load_run, read_cell, run_grid
 from tests.test_faults import one_line_error
 from tests.test_shards import same_results
@@ -96,6 +96,20 @@ def test_one_shard_in_this_process_then_the_rest(tmp_path):
         assert out.exit_code == 0, out.output
         assert f"shard {k} of 2" in out.output
     assert_same(records_by_cell(run), single_process(tmp_path))
+
+
+def test_each_local_worker_gets_its_own_gpu(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_gpus(3, "cuda", 4) == [0, 1, 2] and worker_gpus(2, None, 0) == [] and worker_gpus(2, "cpu", 8) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7,2")  # this process's GPUs, by index: the workers get those
+    assert worker_gpus(2, "cuda", 3) == [5, 7]
+    with pytest.raises(ValueError, match="at most one worker per GPU"):
+        worker_gpus(4, "cuda", 3)
+    with pytest.raises(ValueError, match="use --device cuda, not cuda:1"):
+        worker_gpus(2, "cuda:1", 3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3f2a,GPU-77b1")
+    with pytest.raises(ValueError, match="by UUID"):
+        worker_gpus(2, "cuda", 2)
 
 
 def test_slurm_without_sbatch_is_one_line(tmp_path, monkeypatch):
