@@ -112,6 +112,19 @@ def test_each_local_worker_gets_its_own_gpu(monkeypatch):
         worker_gpus(2, "cuda", 2)
 
 
+def test_a_second_local_launch_of_a_running_grid_is_refused(tmp_path):
+    from harness.files import exclusive
+    from harness.launch import launch_file, launch_local
+
+    cells = expand_grid(["random:tiny"], ["none"], ["shapes-ref:val"], limit=4)  # 2 images: a block per shard
+    path = launch_file(tmp_path, cells, 2, 1, None)
+    (tmp_path / "cells").mkdir()
+    with exclusive(tmp_path / "cells" / "0123456789ab.1-of-2.lock", wait=False):  # shard 1's worker is writing
+        with pytest.raises(ValueError, match=r"shard\(s\) 1 of this grid are being run by another local launch"):
+            launch_local(path, 2)
+    assert not (tmp_path / "logs").exists()  # nothing was started
+
+
 def test_slurm_without_sbatch_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     out = CliRunner().invoke(main, ["grid", str(write_grid(tmp_path)), "--out", str(tmp_path / "run"),

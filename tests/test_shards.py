@@ -118,6 +118,19 @@ def test_encoder_reuse_changes_no_result(tmp_path):
     assert all(all(x) for x in again)
 
 
+def test_a_cell_being_written_by_another_shard_count_is_refused(tmp_path):
+    """One process into a folder where shard 0 of 2 is writing a cell: refused before anything runs twice."""
+    from harness.files import exclusive
+
+    cells = prepare_grid(expand_grid(["random:tiny"], ["none"], ["shapes-ref:val"], limit=2))[0]
+    (tmp_path / "cells").mkdir()
+    with exclusive(tmp_path / "cells" / f"{cells[0].id}.0-of-2.lock", wait=False):
+        with pytest.raises(ValueError, match="by another launch .*0-of-2.lock"):
+            run_grid(cells, tmp_path)
+    assert not read_cell(tmp_path / "cells", cells[0].id)
+    assert run_grid(cells, tmp_path)[0]["n"] == 2  # released: it runs
+
+
 def test_a_bad_shard_is_one_line():
     with pytest.raises(ValueError, match="numbered 0..count-1"):
         Shard(3, 3)
