@@ -153,6 +153,12 @@ def slurm():
     pytest.skip("no Slurm cluster answers (`.ci/slurm up` starts a one-node one)")
 
 
+def show(capsys, text: str) -> None:
+    """Into the CI log, past pytest's capture: what a user of the real Slurm sees."""
+    with capsys.disabled():
+        print("".join(f"\n[slurm test] {line}" for line in str(text).strip().splitlines()))
+
+
 def wait_for_queue(timeout: float = 240) -> None:
     end = time.time() + timeout
     while time.time() < end:
@@ -163,35 +169,36 @@ def wait_for_queue(timeout: float = 240) -> None:
     raise AssertionError(f"Slurm jobs still queued after {timeout} s: {out.stdout}")
 
 
-def submit(grid: Path, run: Path, *extra: str):
+def submit(grid: Path, run: Path, *extra: str, capsys=None):
     out = CliRunner().invoke(main, ["grid", str(grid), "--out", str(run), "--launcher", "slurm", "--shards", "2",
                                     "--encoder-batch", "2", "--time", "10", "--cpus-per-task", "1", *extra])
-    print(out.output)  # the CI log shows what a user sees
+    if capsys is not None:
+        show(capsys, out.output)
     return out
 
 
 @pytest.mark.slurm
-def test_slurm_job_array_merges_to_the_single_process_records(tmp_path, slurm):
+def test_slurm_job_array_merges_to_the_single_process_records(tmp_path, slurm, capsys):
     grid, run = write_grid(tmp_path), tmp_path / "run"
-    out = submit(grid, run)
+    out = submit(grid, run, capsys=capsys)
     assert out.exit_code == 0 and "submitted shard(s) 0, 1 of 2 as Slurm job" in out.output, out.output
-    twice = submit(grid, run)  # the same launch again while it runs: nothing is submitted twice
+    twice = submit(grid, run, capsys=capsys)  # the same launch again while it runs: nothing is submitted twice
     assert twice.exit_code == 0 and "submitted shard" not in twice.output, twice.output
     assert "already queued or running" in twice.output or "every shard is finished" in twice.output
     wait_for_queue()
     status = CliRunner().invoke(main, ["status", str(run)])
-    print(status.output)
+    show(capsys, status.output)
     assert status.exit_code == 0 and status.output.count("12 / 12") == 2, status.output
     assert [s["state"] for s in shard_states(launches(run)[0])] == ["finished", "finished"]
     assert_same(records_by_cell(run), single_process(tmp_path, threads=1))  # a task's torch threads: its 1 CPU
-    again = submit(grid, run)
+    again = submit(grid, run, capsys=capsys)
     assert again.exit_code == 0 and "every shard is finished" in again.output  # nothing is done twice
 
 
 @pytest.mark.slurm
-def test_a_killed_slurm_shard_is_resubmitted_alone(tmp_path, slurm):
+def test_a_killed_slurm_shard_is_resubmitted_alone(tmp_path, slurm, capsys):
     grid, run = write_grid(tmp_path, limit=40), tmp_path / "run"
-    assert submit(grid, run).exit_code == 0
+    assert submit(grid, run, capsys=capsys).exit_code == 0
     lock = None
     end = time.time() + 120
     while time.time() < end:  # shard 1's writer has started and written a record: kill -9 its process
@@ -206,9 +213,9 @@ def test_a_killed_slurm_shard_is_resubmitted_alone(tmp_path, slurm):
     end = time.time() + 60
     while time.time() < end and not shard_states(launch)[1]["state"].startswith(("stopped", "failed")):
         time.sleep(0.5)  # Slurm notices the task died and takes it off the queue
-    print(shard_states(launch))
+    show(capsys, f"after kill -9 of shard 1: {[s['state'] for s in shard_states(launch)]}")
     again = submit(grid, run)  # shard 0 still running or finished: only shard 1 goes again, if it died
-    print(again.output)
+    show(capsys, again.output)
     assert again.exit_code == 0 and "submitted shard(s) 1 of 2" in again.output, again.output
     assert "submitted shard(s) 0" not in again.output
     wait_for_queue()
