@@ -273,7 +273,7 @@ class CellWriter:
             raise ValueError(f"{cell.method} on {cell.dataset}:{cell.split} is being run into {out_dir} by another "
                              f"process (pid {busy.holder}); wait for it to finish, or use another --out") from None
         for other in (cells_dir / f"{cell.id}.lock", *cells_dir.glob(f"{cell.id}.*-of-*.lock")):
-            if other.name != f"{cell.id}{suffix}.lock":  # another shard count, or one process, on the same cell
+            if _shard_count(other.name) != _shard_count(f"{cell.id}{suffix}.lock"):  # the cell cut another way
                 try:
                     with exclusive(other, wait=False):
                         pass
@@ -296,6 +296,12 @@ class CellWriter:
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")  # one complete line per write, flushed: never a partial record
         self.file.flush()
+
+
+def _shard_count(lock_name: str) -> str:
+    """The shard count a cell's lock file belongs to ("" for one process)."""
+    stem = lock_name.removesuffix(".lock")
+    return stem.rpartition("-of-")[2] if "-of-" in stem else ""
 
 
 def evaluate(model: Any, cell: Cell, sample: Any, index: int, method: Method, encoded: Encoded | None,

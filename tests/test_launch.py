@@ -28,20 +28,22 @@ limit: {limit}
 """
 
 
-def write_grid(tmp_path: Path, limit: int = 6) -> Path:
+def write_grid(tmp_path: Path, limit: int = 6, datasets: str = '"shapes-ref:val", "shapes-ref:testA"') -> Path:
     path = tmp_path / "grid.yaml"
-    path.write_text(GRID.format(limit=limit))
+    path.write_text(GRID.replace('"shapes-ref:val", "shapes-ref:testA"', datasets).format(limit=limit))
     return path
 
 
-def single_process(tmp_path: Path, limit: int = 6, threads: int | None = None) -> dict[tuple[str, str, str], list]:
+def single_process(tmp_path: Path, limit: int = 6, threads: int | None = None,
+                   datasets: tuple[str, ...] = ("shapes-ref:val", "shapes-ref:testA"),
+                   encoder_batch: int = 2) -> dict[tuple[str, str, str], list]:
     """The grid in this process, with the workers' CPU threads (float reductions on CPU depend on the thread count:
     one pixel of one mask differed between 1 and 2 threads)."""
-    cells = expand_grid(["random:tiny"], ["none", "fastv@75%"], ["shapes-ref:val", "shapes-ref:testA"], limit=limit)
+    cells = expand_grid(["random:tiny"], ["none", "fastv@75%"], list(datasets), limit=limit)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        run_grid(cells, tmp_path / "single", encoder_batch=2)
+        run_grid(cells, tmp_path / "single", encoder_batch=encoder_batch)
     finally:
         torch.set_num_threads(before)
     return records_by_cell(tmp_path / "single")
@@ -59,14 +61,19 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def test_local_workers_merge_to_the_single_process_records(tmp_path):
-    grid = write_grid(tmp_path)
+    grid = write_grid(tmp_path, datasets='"shapes-ref:val"')  # 3 images, a block each: shard 0 gets images 1-2,
     out = CliRunner().invoke(main, ["grid", str(grid), "--out", str(tmp_path / "run"), "--launcher", "local",
-                                    "--workers", "2", "--encoder-batch", "2"])
+                                    "--workers", "2", "--encoder-batch", "1"])  # shard 1 image 3, of the same cells
     assert out.exit_code == 0, out.output
     assert "fastv@75%" in out.output
-    assert_same(records_by_cell(tmp_path / "run"), single_process(tmp_path, threads=local_threads(2, None)))
+    merged = records_by_cell(tmp_path / "run")
+    assert_same(merged, single_process(tmp_path, threads=local_threads(2, None), datasets=("shapes-ref:val",),
+                                       encoder_batch=1))
+    assert all(len(list((tmp_path / "run" / "cells").glob(f"{r['cell']}.*-of-2.jsonl"))) == 2
+               for r in load_run(tmp_path / "run"))  # both shards wrote every cell, side by side
     (launch,) = launches(tmp_path / "run")
-    assert [(s["done"], s["total"], s["state"]) for s in shard_states(launch)] == [(12, 12, "finished")] * 2
+    assert [(s["done"], s["total"], s["state"]) for s in shard_states(launch)] == [(8, 8, "finished"),
+                                                                                  (4, 4, "finished")]
     status = CliRunner().invoke(main, ["status", str(tmp_path / "run")])
     assert status.exit_code == 0 and "local, 2 shard(s)" in status.output and "finished" in status.output
 

@@ -122,13 +122,16 @@ def test_a_cell_being_written_by_another_shard_count_is_refused(tmp_path):
     """One process into a folder where shard 0 of 2 is writing a cell: refused before anything runs twice."""
     from harness.files import exclusive
 
-    cells = prepare_grid(expand_grid(["random:tiny"], ["none"], ["shapes-ref:val"], limit=2))[0]
+    cells = prepare_grid(expand_grid(["random:tiny"], ["none"], ["shapes-ref:val"], limit=4))[0]  # 2 images
     (tmp_path / "cells").mkdir()
     with exclusive(tmp_path / "cells" / f"{cells[0].id}.0-of-2.lock", wait=False):
         with pytest.raises(ValueError, match="by another launch .*0-of-2.lock"):
             run_grid(cells, tmp_path)
     assert not read_cell(tmp_path / "cells", cells[0].id)
-    assert run_grid(cells, tmp_path)[0]["n"] == 2  # released: it runs
+    with exclusive(tmp_path / "cells" / f"{cells[0].id}.0-of-2.lock", wait=False):  # shards of one launch: side
+        run_grid(cells, tmp_path, shard=Shard(1, 2), encoder_batch=1)  # by side on the same cell
+    assert len(read_cell(tmp_path / "cells", cells[0].id)) == 2  # shard 1's image, 2 queries
+    assert run_grid(cells, tmp_path)[0]["n"] == 4  # released: one process does the rest
 
 
 def test_a_bad_shard_is_one_line():
