@@ -33,7 +33,7 @@ def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: 
 
     def context(method, ledger):
         return Context(model=model, info=model.info, ledger=ledger, rng=sample_rng(method, sample.id),
-                       position_policy=method.position_policy, watch=watch, image=sample.image,
+                       position_policy=method.policy, watch=watch, image=sample.image,
                        scratch=dict(scratch) if method is pruned else {})
 
     with torch.inference_mode():
@@ -44,7 +44,8 @@ def bench_llm(model_name: str, *, drop: str, repeats: int, warmup: int, device: 
         short = pruned.on_vision(feats, pre)
         scratch.update(pre.scratch)
         states = {"none": state0,
-                  pruned.name: assemble(model, model.projector(short.patches), short.patch_index, sample.query, False)}
+                  pruned.name: assemble(model, model.projector(short.patches), short.patch_index, sample.query, False,
+                                        members=pre.ledger.members)}
     ledgers: dict[str, Ledger] = {}
 
     def loop(method):

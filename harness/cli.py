@@ -476,7 +476,12 @@ def analyze(source, dataset, methods, limit, out, data_root, device) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
 def methods(as_json) -> None:
-    """Every registered method with its stage, parameters, defaults and citation."""
+    """Every registered method with its stage, parameters, defaults and citation.
+
+    Every method that removes or merges tokens also takes `positions=original|reindex` (e.g. `fastv:positions=reindex`,
+    `visionzip:positions=original@75%`): the RoPE position ids after the drop, overriding the official policy shown
+    here; "original" keeps each token's position in the unpruned sequence (GAP), "reindex" numbers the current
+    sequence 0..n-1."""
     from harness.method import METHODS, budget_rule, describe_params
 
     entries = []
@@ -484,13 +489,15 @@ def methods(as_json) -> None:
         params = [{"name": p.name, "type": p.type_name, "default": p.default, "help": p.help}
                   for p in describe_params(cls)]
         entries.append({"name": name, "stage": cls.stage, "position_policy": cls.position_policy,
+                        "positions_override": cls.reduces_tokens,
                         "citation": cls.citation, "deviations": cls.deviations, "budget": budget_rule(cls),
                         "params": params})
     if as_json:
         click.echo(json.dumps(entries, indent=2, default=str))
         return
     for e in entries:
-        click.echo(f"{e['name']}  [{e['stage']}, positions: {e['position_policy']}]  {e['citation']}")
+        override = " (positions=original|reindex overrides)" if e["positions_override"] else ""
+        click.echo(f"{e['name']}  [{e['stage']}, positions: {e['position_policy']}{override}]  {e['citation']}")
         for p in e["params"]:
             click.echo(f"    {p['name']}: {p['type']} = {p['default']!r}  {p['help']}")
         if e["deviations"]:

@@ -88,10 +88,11 @@ class Context:
         return self.image_embeddings
 
     def positions(self, state: TokenState) -> Tensor:
-        """RoPE position ids of the rows under the method's policy."""
+        """RoPE position ids of the rows under the run's policy: "original" = each token's position in the unpruned
+        sequence (`TokenState.position`), "reindex" = 0..n-1 in the current sequence."""
         if self.position_policy == "reindex":
             return torch.arange(len(state), device=state.index.device)
-        return state.index
+        return state.position
 
     def attention_rows(self, layer: int, state: TokenState, rows: Tensor, *, rope: bool = True,
                        keys: Tensor | None = None, head_mean: bool = True) -> Tensor:
@@ -200,9 +201,10 @@ def cls_attention_heads(layer: nn.Module, hidden: Tensor, ctx: Context) -> tuple
 
 # -- sequence ----------------------------------------------------------------------------------------------------
 def assemble(model: SegModel, image_tokens: Tensor, patch_index: Tensor, query: str, is_sentence: bool,
-             answer: bool = True) -> TokenState:
+             answer: bool = True, members: dict[int, list[tuple[int, float]]] | None = None) -> TokenState:
     """Embed the prompt (with the template answer "[SEG].</s>" unless `answer` is False) and splice the projected
-    image tokens in at LLaVA's image placeholder."""
+    image tokens in at LLaVA's image placeholder. `members`: the ledger's merged-token members, for the positions of
+    merged tokens (`original_positions`)."""
     pre, post = model.prompt_ids(query, is_sentence, answer)
     embed = model.language_model.embed_tokens
     dev = image_tokens.device
@@ -213,7 +215,33 @@ def assemble(model: SegModel, image_tokens: Tensor, patch_index: Tensor, query: 
     kind = model.token_kinds(pre, n_img, post)
     patch = torch.full((hidden.shape[1],), -1, dtype=torch.long, device=dev)
     patch[len(pre): len(pre) + n_img] = patch_index
-    return TokenState(hidden=hidden, index=torch.arange(hidden.shape[1], device=dev), kind=kind, patch=patch)
+    position = original_positions(patch_index, len(pre), model.info.n_image_tokens, len(post), members or {})
+    return TokenState(hidden=hidden, index=torch.arange(hidden.shape[1], device=dev), kind=kind, patch=patch,
+                      position=position)
+
+
+def original_positions(patch_index: Tensor, n_pre: int, n_full: int, n_post: int,
+                       members: dict[int, list[tuple[int, float]]]) -> Tensor:
+    """Where each token of an assembled sequence sits in the unpruned one (GAP, arXiv 2506.21873): its RoPE position
+    under the "original" policy.
+
+    The prompt before the image keeps 0..n_pre-1 and the text after it n_pre + n_full + j, as if all `n_full` image
+    tokens were there. An image token of patch p sits at n_pre + p; a merged token (code <= -2) at the position of
+    its largest-weight member (the first listed on a tie: VisionZip's target, PruMerge's kept token, a pooling
+    window's top-left patch); a token standing for no patch (VisionZip's CLS) at the image's first position, n_pre.
+    With the full image block in patch order this is 0..n-1, the assembled order itself.
+    """
+    def anchor(code: int) -> int:
+        if code >= 0:
+            return code
+        pairs = members.get(code)
+        if code == -1 or not pairs:
+            return 0
+        return max(enumerate(pairs), key=lambda item: (item[1][1], -item[0]))[1][0]
+
+    image = [n_pre + anchor(c) for c in patch_index.tolist()]
+    return torch.tensor([*range(n_pre), *image, *range(n_pre + n_full, n_pre + n_full + n_post)],
+                        device=patch_index.device)
 
 
 def causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -278,7 +306,7 @@ def greedy_decode(model: SegModel, state: TokenState, cache: DynamicCache, ctx: 
 
     Pruning happened in the prefill only (the official KV-cache variants of FastV and PyramidDrop, and SparseVLM):
     a decode token attends to each layer's pruned cache and runs the stock FFN. Its RoPE position follows the
-    method's policy (reference 0.3): "original" continues the assembled sequence's positions; "reindex" uses each
+    method's policy (reference 0.3): "original" continues from the unpruned sequence's length; "reindex" uses each
     layer's cache length, which is where that layer's contiguous positions end. Each step is a ledger record per
     layer with `kv` = the keys it attended to.
 
@@ -287,7 +315,7 @@ def greedy_decode(model: SegModel, state: TokenState, cache: DynamicCache, ctx: 
     """
     lm = model.language_model
     dev = state.hidden.device
-    next_position = int(state.index[-1]) + 1
+    next_position = int(state.position[-1]) + 1
     h = lm.norm(state.hidden[:, -1:])  # (1, 1, d): the row that chooses the first answer token
     ids: list[int] = []
     seg_hidden = None
@@ -368,7 +396,7 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
     watch.last = {}
     ledger = Ledger()
     ctx = Context(model=model, info=info, ledger=ledger, rng=sample_rng(method, sample_key or query),
-                  position_policy=method.position_policy, watch=watch, image=image, instances=instances)
+                  position_policy=method.policy, watch=watch, image=image, instances=instances)
     with torch.inference_mode():
         prep = prepared if prepared is not None else model.prepare(image)
         ctx.prepared, ctx.image_embeddings = prep, image_embeddings
@@ -384,7 +412,8 @@ def segment(model: SegModel, image: Any, query: str, method: Any = None, *, is_s
         with watch("projector"):
             tokens = model.projector(feats.patches)
             ledger.projector_tokens = tokens.shape[1]
-            state = assemble(model, tokens, feats.patch_index, query, is_sentence, answer=decode == "template")
+            state = assemble(model, tokens, feats.patch_index, query, is_sentence, answer=decode == "template",
+                             members=ledger.members)
         with watch("llm"):
             state = method.on_sequence(state, ctx)
             answer = None

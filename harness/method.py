@@ -67,7 +67,10 @@ class Method:
 
     Class attributes a method declares:
         stage: one of `STAGES`.
-        position_policy: "original" (kept tokens keep their RoPE positions) or "reindex" (0..n-1 after a drop).
+        position_policy: the official RoPE position ids after a drop: "original" (every token keeps the position it
+            has in the unpruned sequence, gaps and all; GAP's fix for pre-LLM methods) or "reindex" (0..n-1 in the
+            current sequence, after every drop). A spec's `positions=` overrides it per run (`Method.policy`).
+        reduces_tokens: whether it removes or merges tokens (False: the `positions` override means nothing to it).
         needs_llm_attention / needs_vision_attention: whether it recomputes attention rows.
         citation: short citation (title, venue, link).
         keep_all: hyperparameters under which the method keeps every token (None if it has no such setting);
@@ -83,6 +86,7 @@ class Method:
     name: ClassVar[str] = ""
     stage: ClassVar[str] = "in-llm"
     position_policy: ClassVar[str] = "original"
+    reduces_tokens: ClassVar[bool] = True
     needs_llm_attention: ClassVar[bool] = False
     needs_vision_attention: ClassVar[bool] = False
     citation: ClassVar[str] = ""
@@ -91,6 +95,12 @@ class Method:
     deviations: ClassVar[str] = ""
     in_default_grid: ClassVar[bool] = True
     budget_params: ClassVar[tuple[str, ...]] = ()  # the parameters `for_budget` solves for (cannot also be fixed)
+    positions: str | None = None  # the run's override of `position_policy` (a spec's "positions="), None = official
+
+    @property
+    def policy(self) -> str:
+        """The position-id policy this run uses: the `positions` override, else the method's own."""
+        return self.positions or self.position_policy
 
     def bind(self, info: ModelInfo) -> None:
         """Check the hyperparameters against the model; raise ValueError with a fix-it message if they do not fit."""
@@ -148,7 +158,8 @@ class Method:
         return {p.name: getattr(self, p.name) for p in describe_params(type(self))}
 
     def spec(self) -> str:
-        kv = ",".join(f"{k}={_format_value(v)}" for k, v in self.params().items())
+        params = {**self.params(), **({"positions": self.positions} if self.positions else {})}
+        kv = ",".join(f"{k}={_format_value(v)}" for k, v in params.items())
         return f"{self.name}:{kv}" if kv else self.name
 
     def __repr__(self) -> str:
@@ -370,7 +381,9 @@ def budget_spec(spec: str) -> str:
         raise ValueError(f"{spec!r} has no budget")
     name, fixed = parse_spec(head)
     cls = METHODS.get(name)
+    positions = pop_positions(cls, fixed)
     fixed = _check_budget_params(cls, resolve_params(cls, fixed), budget)
+    fixed = {**fixed, **({"positions": positions} if positions else {})}
     kv = ",".join(f"{k}={_format_value(v)}" for k, v in sorted(fixed.items()))
     return f"{cls.name}{':' + kv if kv else ''}@{budget}"
 
@@ -411,10 +424,13 @@ def create_method(spec_or_name: str | Method | None = None, *, info: ModelInfo |
                              f"(create_method(spec, info=model.info))")
         name, fixed = parse_spec(spec)
         cls = METHODS.get(name)
-        fixed = resolve_params(cls, {**fixed, **{k: v for k, v in kwargs.items() if v is not None}})
+        fixed = {**fixed, **{k: v for k, v in kwargs.items() if v is not None}}
+        positions = pop_positions(cls, fixed)
+        fixed = resolve_params(cls, fixed)
         _check_budget_params(cls, fixed, budget)
         target = budget.target(info)
         method = cls.for_budget(info, target, **fixed)
+        method.positions = positions
         method.bind(info)
         got = achieved_n_avg(method, info)
         if got is not None and abs(got - target) > BUDGET_TOLERANCE * info.n_image_tokens:
@@ -423,7 +439,25 @@ def create_method(spec_or_name: str | Method | None = None, *, info: ModelInfo |
         return method
     name, spec_kwargs = parse_spec(spec)
     cls = METHODS.get(name)
-    return cls(**resolve_params(cls, {**spec_kwargs, **{k: v for k, v in kwargs.items() if v is not None}}))
+    given = {**spec_kwargs, **{k: v for k, v in kwargs.items() if v is not None}}
+    positions = pop_positions(cls, given)
+    method = cls(**resolve_params(cls, given))
+    method.positions = positions
+    return method
+
+
+def pop_positions(cls: type[Method], given: dict[str, Any]) -> str | None:
+    """Take the `positions` override out of a method's parameters: None when absent or equal to the method's own
+    policy (so `fastv` and `fastv:positions=original` are one cell); ValueError when it is not a policy or the
+    method removes no token."""
+    if "positions" not in given or "positions" in {p.name for p in describe_params(cls)}:
+        return None
+    value = given.pop("positions")
+    if value not in POSITION_POLICIES:
+        raise ValueError(f"{cls.name}: positions must be one of {', '.join(POSITION_POLICIES)}, got {value!r}")
+    if not cls.reduces_tokens:
+        raise ValueError(f"{cls.name} keeps every token, so positions={value} changes nothing; drop it")
+    return None if value == cls.position_policy else value
 
 
 def resolve_params(cls: type[Method], given: dict[str, Any]) -> dict[str, Any]:

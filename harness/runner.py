@@ -288,8 +288,9 @@ class CellWriter:
                 raise ValueError(f"{cell.method} now resolves to {method.spec()}, but {cells_dir / cell.id}.jsonl "
                                  f"was made with {before}; use a new run folder or delete the cell's files to "
                                  f"rerun it")
-        write_json(meta_path, {**asdict(cell), "id": cell.id, "resolved_method": method.spec(), "expected": expected,
-                               "grid": list(model.info.grid), "environment": env})
+        write_json(meta_path, {**asdict(cell), "id": cell.id, "resolved_method": method.spec(),
+                               "positions": method.policy, "expected": expected, "grid": list(model.info.grid),
+                               "environment": env})
         read_records(self.path, repair=True)  # a torn last line (killed mid-write) is cut before appending
         self.file = stack.enter_context(self.path.open("a"))
 
@@ -341,11 +342,12 @@ def evaluate(model: Any, cell: Cell, sample: Any, index: int, method: Method, en
 
 
 def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | None = None,
-                   resolved: str | None = None) -> dict[str, Any]:
-    """One summary row; `resolved` is the method with every parameter (a budget spec's mapping on the model)."""
+                   resolved: str | None = None, positions: str | None = None) -> dict[str, Any]:
+    """One summary row; `resolved` is the method with every parameter (a budget spec's mapping on the model),
+    `positions` the position-id policy it ran with."""
     row: dict[str, Any] = {"cell": cell.id, "model": cell.model, "method": cell.method_name, "spec": cell.method,
-                           "resolved": resolved or cell.method, "dataset": cell.dataset, "split": cell.split,
-                           "decode": cell.decode, "dtype": cell.dtype, "attn": cell.attn,
+                           "resolved": resolved or cell.method, "positions": positions or "", "dataset": cell.dataset,
+                           "split": cell.split, "decode": cell.decode, "dtype": cell.dtype, "attn": cell.attn,
                            "fingerprint": cell.model_fingerprint}
     row.update(aggregate((r["intersection"], r["union"]) for r in records))
     row["complete"] = expected is None or len(records) >= expected
@@ -504,7 +506,7 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
         expected = info.get("expected", cell.limit)
         if expected is not None:  # a smaller limit shows its prefix (shards may have filled later samples first)
             records = [r for k, r in enumerate(records) if r.get("index", k) < expected]
-        row = summarize_cell(cell, records, expected, info.get("resolved_method"))
+        row = summarize_cell(cell, records, expected, info.get("resolved_method"), info.get("positions"))
         row["cell"] = cid
         row["missing"] = not records
         rows.append(row)

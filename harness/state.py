@@ -31,9 +31,11 @@ class TokenState:
 
     Attributes:
         hidden: (1, n, d) hidden states.
-        index: (n,) position of each row in the assembled sequence; the RoPE position under the "original" policy.
+        index: (n,) position of each row in the assembled sequence (the order of the rows).
         kind: (n,) `Kind` of each row.
         patch: (n,) vision-patch index (row-major on the patch grid) for image rows, -1 otherwise.
+        position: (n,) RoPE position of each row under the "original" policy: where the token sits in the unpruned
+            sequence (`engine.original_positions`); equal to `index` unless a pre-LLM method changed the image block.
         held: tokens held back by a method, by name, each a `TokenState` frozen when it left.
     """
 
@@ -41,6 +43,7 @@ class TokenState:
     index: Tensor
     kind: Tensor
     patch: Tensor
+    position: Tensor
     held: dict[str, TokenState] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -80,7 +83,7 @@ class TokenState:
     def select(self, rows: Tensor) -> TokenState:
         """Keep `rows` (sorted row numbers); `held` is carried over unchanged."""
         return replace(self, hidden=self.hidden[:, rows], index=self.index[rows], kind=self.kind[rows],
-                       patch=self.patch[rows])
+                       patch=self.patch[rows], position=self.position[rows])
 
     def keep_image(self, image_rows: Tensor) -> TokenState:
         """Keep every non-image row and the image rows in `image_rows` (any order); sequence order is preserved."""
@@ -108,4 +111,4 @@ class TokenState:
         return TokenState(hidden=torch.cat([self.hidden, back.hidden], 1)[:, order], index=index[order],
                           kind=torch.cat([self.kind, back.kind])[order],
                           patch=torch.cat([self.patch, back.patch])[order],
-                          held=held)
+                          position=torch.cat([self.position, back.position])[order], held=held)

@@ -33,7 +33,7 @@ class Observer(Method):
 
     def __init__(self, inner: Method):
         self.inner = inner
-        self.name, self.position_policy = inner.name, inner.position_policy
+        self.name, self.position_policy = inner.name, inner.policy
         self.seed = getattr(inner, "seed", 0)
         self.rows: list[dict[str, Any]] = []  # one per (layer, metric, kind) of the current sample
         self._carrier = -1

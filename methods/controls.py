@@ -22,6 +22,7 @@ class NoReduction(Method):
     """The unpruned model."""
 
     stage = "control"
+    reduces_tokens = False
     citation = "unpruned baseline"
     keep_all = {}
 
@@ -94,6 +95,7 @@ class Downsample(Method):
     """
 
     stage = "control"
+    position_policy = "reindex"  # pooled tokens as a shorter image block, contiguous ids
     citation = "grid-pooling control"
     keep_all = {"stride": 1}
     budget_params = ("stride",)

@@ -105,7 +105,7 @@ class PruMerge(Method):
     """
 
     stage = "pre-llm"
-    position_policy = "original"
+    position_policy = "reindex"  # the official LLaVA splice: contiguous ids over the shorter sequence
     needs_vision_attention = True
     citation = CITATION
     deviations = ("only the CLS query row of the last CLIP layer is computed (the official code hooks q for all "

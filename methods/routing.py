@@ -90,6 +90,7 @@ class TokenRouting(Method):
 
     stage = "in-llm"
     position_policy = "original"
+    reduces_tokens = False  # every image token stays in every layer; routing saves FFN work
     citation = "Efficient Segmentation with MLLM via Token Routing, AAAI 2026 (no public code)"
     keep_all = {"mask_layer": 0, "image": "full"}
     exact_reference = False  # changes the FFN of image tokens: checked against a plain-torch eq. 9-12 instead

@@ -299,7 +299,7 @@ def insert_after_image(state: TokenState, merged: Tensor, codes: list[int]) -> T
     Their `index` is that of the last kept image token: rows stay ordered by index (non-decreasing), text indices
     stay unique, so the [SEG] lookup (which compares its predecessor's index) is unaffected; under the "reindex"
     policy RoPE positions are 0..n-1 whatever the index, so the merged tokens sit at the positions right after the
-    kept image tokens, as in the official code.
+    kept image tokens, as in the official code; under `positions=original` they take that token's position.
 
     Args:
         state: the sequence after the drop.
@@ -315,6 +315,7 @@ def insert_after_image(state: TokenState, merged: Tensor, codes: list[int]) -> T
                         state.kind[at:]]),
         patch=torch.cat([state.patch[:at], torch.tensor(codes, dtype=state.patch.dtype, device=dev),
                          state.patch[at:]]),
+        position=torch.cat([state.position[:at], state.position[at - 1].repeat(c), state.position[at:]]),
         held=state.held,
     )
 

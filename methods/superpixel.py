@@ -81,6 +81,7 @@ class SuperpixelProjector(Method):
     """
 
     stage = "pre-llm"
+    position_policy = "reindex"  # a sequence of region tokens, contiguous ids like any LLaVA image block
     citation = "Yang & Gong, Semantic Visual Projector (SVP), arXiv 2509.13676, Table 3 baseline"
     keep_all = {"source": "grid", "cell": 1}
     exact_reference = False

@@ -46,7 +46,7 @@ class VisionZip(Method):
     """
 
     stage = "pre-llm"
-    position_policy = "original"
+    position_policy = "reindex"  # the official LLaVA splice: contiguous ids over the shorter sequence
     needs_vision_attention = True
     citation = "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language Models, CVPR 2025"
     deviations = ("the CLS attention row is recomputed from the feature layer's input instead of asking the tower "

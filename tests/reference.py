@@ -22,7 +22,7 @@ class Recorder(Method):
     def __init__(self, inner: Method):
         self.inner = inner
         self.present: list[Tensor] = []
-        self.position_policy = inner.position_policy
+        self.position_policy = inner.policy
         self.seed = getattr(inner, "seed", 0)
         self.name = inner.name
 
@@ -51,7 +51,17 @@ def assembled_sequence(model, image, query: str, method: Method) -> TokenState:
     ctx = Context(model=model, info=model.info, ledger=ledger, rng=torch.Generator().manual_seed(0), image=image)
     with torch.inference_mode():
         feats = method.on_vision(run_vision(model, prep.clip_pixels, ledger), ctx)
-        return assemble(model, model.projector(feats.patches), feats.patch_index, query, False)
+        return assemble(model, model.projector(feats.patches), feats.patch_index, query, False, members=ledger.members)
+
+
+def unpruned_positions(model, state: TokenState) -> Tensor:
+    """GAP's ids for an assembled sequence whose image tokens each stand for one patch: the prompt 0..s-1, patch p at
+    s + p, the text after the image at s + N + j (N: the model's full image-token count)."""
+    img = (state.kind == 1).nonzero()[:, 0]
+    s, end = int(img[0]), int(img[-1]) + 1
+    assert (state.patch[img] >= 0).all(), "merged tokens have no single unpruned position"
+    after = torch.arange(len(state) - end) + s + model.info.n_image_tokens
+    return torch.cat([torch.arange(s), s + state.patch[img].cpu(), after]).to(state.index.device)
 
 
 def masked_reference(model, state: TokenState, present: list[Tensor], policy: str) -> Tensor:
@@ -60,6 +70,7 @@ def masked_reference(model, state: TokenState, present: list[Tensor], policy: st
     h = state.hidden.clone()
     n = h.shape[1]
     dev, dt = h.device, h.dtype
+    original = unpruned_positions(model, state) if policy == "original" else None
     prev = torch.ones(n, dtype=torch.bool, device=dev)
     saved = torch.zeros_like(h)
     causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
@@ -70,7 +81,7 @@ def masked_reference(model, state: TokenState, present: list[Tensor], policy: st
             left, back = prev & ~now, now & ~prev
             saved[:, left] = h[:, left]  # state when it left = input of the first layer without it
             h[:, back] = saved[:, back]
-            pos = torch.arange(n, device=dev)
+            pos = original
             if policy == "reindex":
                 pos = torch.zeros(n, dtype=torch.long, device=dev)
                 pos[now] = torch.arange(int(now.sum()), device=dev)

@@ -70,6 +70,31 @@ def test_pruned_run_equals_masked_full_length_run(name, tiny, image):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_positions_override_runs_and_matches_the_masked_reference(name, tiny, image):
+    """`positions=` flips the method's policy; the spec records it; a method that only drops and holds tokens under
+    the flipped policy still equals the full-length masked run with that policy's ids."""
+    cls = METHODS.get(name)
+    flipped = "reindex" if cls.position_policy == "original" else "original"
+    if not cls.reduces_tokens:
+        with pytest.raises(ValueError, match="keeps every token"):
+            create_method(name, positions=flipped)
+        return
+    method = create_method(name, positions=flipped)
+    assert method.policy == flipped and create_method(method.spec()).policy == flipped
+    assert create_method(name, positions=cls.position_policy).spec() == create_method(name).spec()
+    rec = Recorder(method)
+    r = tiny.segment(image, QUERY, rec)
+    assert r.mask.shape == image.shape[:2]
+    if not cls.exact_reference:
+        return
+    state = assembled_sequence(tiny, image, QUERY, rec.inner)
+    if flipped == "original" and bool((state.patch < -1).any()):
+        return  # merged tokens: `test_positions.py` pins their positions
+    ref = masked_reference(tiny, state, rec.present, flipped)
+    assert (r.seg_hidden - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_exact_flops_match_flop_counter(name, tiny_eager, image):
     """exact FLOPs vs torch's FlopCounterMode, per stage, on the eager model (the counter misses fused SDPA on CPU)."""
     method = create_method(name)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import harness
 from harness.state import Kind
 from tests.capabilities import LightFFN
 from tests.conftest import QUERY
-from tests.reference import Recorder, assembled_sequence, masked_reference
+from tests.reference import Recorder, assembled_sequence, masked_reference, unpruned_positions
 
 TOL = 1e-5
 
@@ -17,13 +18,18 @@ def baseline(model, image):
     return model.segment(image, QUERY, "none").seg_hidden
 
 
-def test_replace_before_projector_matches_stock_forward_on_replaced_tokens(tiny, image):
-    method = harness.create_method("test-replace:every=3")
+@pytest.mark.parametrize("positions", ["reindex", "original"])
+def test_replace_before_projector_matches_stock_forward_on_replaced_tokens(positions, tiny, image):
+    """Contiguous ids (the LLaVA splice) or GAP's unpruned ones, given to the stock forward as position_ids."""
+    method = harness.create_method(f"test-replace:every=3,positions={positions}")
     ours = tiny.segment(image, QUERY, method)
     assert ours.trace.image_tokens_per_layer == [86] * 8
     state = assembled_sequence(tiny, image, QUERY, method)
-    with torch.inference_mode():
-        stock = tiny.language_model(inputs_embeds=state.hidden, use_cache=False).last_hidden_state
+    ids = unpruned_positions(tiny, state) if positions == "original" else torch.arange(len(state))
+    with torch.inference_mode():  # a 2-D all-ones mask: ids with gaps are not read as packed sequences
+        stock = tiny.language_model(inputs_embeds=state.hidden, position_ids=ids[None],
+                                    attention_mask=torch.ones(1, len(state), dtype=torch.long),
+                                    use_cache=False).last_hidden_state
     src = int(state.row_of(Kind.SEG)[0]) - 1
     assert (ours.seg_hidden - stock[:, src]).abs().max() <= TOL
 

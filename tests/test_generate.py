@@ -20,7 +20,10 @@ from tests.conftest import QUERY
 # the prompt's last token in generate mode: they differ by design (named in FastV's `deviations`). PyramidDrop and
 # SparseVLM re-index positions, so they check the per-layer decode positions.
 PROMPT_ONLY = ["none", "random", "downsample", "fastv:score=seg", "fastv:k=3,keep=10,score=seg", "pdrop", "sparsevlm",
-               "test-replace", "test-hold", "test-ffn"]
+               "test-replace", "test-hold", "test-ffn",
+               # the other position policy: decode continues from the unpruned length, or from each cache's length
+               "downsample:positions=original", "visionzip:positions=original", "fastv:score=seg,positions=reindex",
+               "pdrop:positions=original", "sparsevlm:positions=original", "test-replace:positions=reindex"]
 
 
 class ScriptedHead(nn.Module):
