@@ -3,6 +3,8 @@
 from harness.methods import (  # noqa: F401
     controls,
     csp,
+    dart,
+    divprune,
     fastv,
     feather,
     pdrop,
@@ -11,4 +13,5 @@ from harness.methods import (  # noqa: F401
     sparsevlm,
     superpixel,
     visionzip,
+    vispruner,
 )

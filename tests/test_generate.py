@@ -23,7 +23,9 @@ PROMPT_ONLY = ["none", "random", "downsample", "fastv:score=seg", "fastv:k=3,kee
                "test-replace", "test-hold", "test-ffn",
                # the other position policy: decode continues from the unpruned length, or from each cache's length
                "downsample:positions=original", "visionzip:positions=original", "fastv:score=seg,positions=reindex",
-               "pdrop:positions=original", "sparsevlm:positions=original", "test-replace:positions=reindex"]
+               "pdrop:positions=original", "sparsevlm:positions=original", "test-replace:positions=reindex",
+               "divprune", "divprune:keep=30,order=selection,positions=original", "vispruner",
+               "vispruner:positions=original"]
 
 
 class ScriptedHead(nn.Module):

@@ -92,7 +92,9 @@ def test_pdrop_official_schedule_on_32_layers():
 
 
 @pytest.mark.parametrize("spec", ["fastv@50%", "fastv@75%", "fastv@navg=100", "pdrop@50%", "pdrop@65%",
-                                  "pdrop@75%", "random@70%", "fastv:score=seg@80%"])
+                                  "pdrop@75%", "random@70%", "fastv:score=seg@80%", "dart@50%", "dart@75%",
+                                  "dart:positions=reindex@80%", "divprune@75%", "divprune@90%", "vispruner@50%",
+                                  "vispruner@90%"])
 def test_budget_mappings_hit_the_target_on_the_model(spec, tiny, image):
     from harness.method import split_budget
 
@@ -100,7 +102,7 @@ def test_budget_mappings_hit_the_target_on_the_model(spec, tiny, image):
     target = split_budget(spec)[1].target(tiny.info)
     r = tiny.segment(image, QUERY, method)
     assert abs(r.trace.n_avg - target) <= BUDGET_TOLERANCE * tiny.info.n_image_tokens
-    if ":" in spec:
+    if spec.startswith("fastv:"):
         assert method.score == "seg"  # fixed parameters stay fixed
 
 
@@ -121,6 +123,10 @@ def test_budget_errors_say_how_to_fix(tiny):
         create_method("fastv:keep=40@75%", info=tiny.info)
     with pytest.raises(ValueError, match="ratio is what @50%"):
         create_method("pdrop:ratio=0.9@0.5", info=tiny.info)
+    with pytest.raises(ValueError, match="cannot reach"):
+        create_method("dart@90%", info=tiny.info)  # DART reads layer K-1 >= 0: one full layer of 8 is 32 > 25.6
+    with pytest.raises(ValueError, match="lower truncation"):
+        tiny.segment(None, QUERY, "dart:truncation=256")  # 4 + 8 x 32 = 260 > 256 tokens
 
 
 def test_budget_specs_are_canonical_and_parse_back(tiny):
