@@ -391,6 +391,30 @@ def table(run_dir, fmt, out, per_cell) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("specs", nargs=-1, required=True)
+@click.option("--format", "fmt", type=click.Choice(["markdown", "text"]), default="markdown", show_default=True)
+@friendly
+def compare(run_dir, specs, fmt) -> None:
+    """Paired comparisons of methods in one run: `segprune compare RUN A B [A2 B2 ...]` gives, for each pair, mean
+    gIoU of A and B over the splits both ran and A - B with a paired bootstrap 95% interval (images resampled
+    together for both), e.g. `segprune compare runs/x dart@50% fastv@50% fastv@50% fastv:positions=reindex@50%`."""
+    from harness.report import compare_frame
+
+    if len(specs) % 2:
+        raise ValueError(f"compare takes pairs of methods (A B A2 B2 ...); got {len(specs)}: {' '.join(specs)}")
+    if not run_dir.exists():
+        raise ValueError(f"run folder {run_dir} does not exist; make one with `segprune grid` or `segprune run`")
+    frame = compare_frame(run_dir, list(zip(specs[0::2], specs[1::2], strict=True)))
+    for col in ("gIoU A", "gIoU B", "A - B", "lo", "hi"):
+        frame[col] = (100 * frame[col]).round(1)
+    frame["A - B [95% CI]"] = [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, lo, hi in zip(frame["A - B"], frame["lo"],
+                                                                                        frame["hi"], strict=True)]
+    shown = frame[["model", "decode", "A", "B", "splits", "n", "gIoU A", "gIoU B", "A - B [95% CI]"]]
+    click.echo(shown.to_markdown(index=False) if fmt == "markdown" else shown.to_string(index=False))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", default=None, help="output path without extension (default: RUN/plots/tradeoff)")
 @click.option("--metric", default="mean gIoU", show_default=True,
               help="accuracy column: 'mean gIoU' or '<dataset>:<split> gIoU' / 'cIoU'")

@@ -99,6 +99,68 @@ def paired_drop(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], seed: in
     return point, float(lo), float(hi)
 
 
+def cell_block(row: dict[str, Any]) -> tuple:
+    """What two cells must share to be paired: model, its weights, dtype, attention and decode mode."""
+    return row["model"], row.get("fingerprint", ""), row.get("dtype"), row.get("attn"), row["decode"]
+
+
+def sample_ious(run_dir: str | Path, rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[float, str]]]:
+    """Per (block, spec, split) of a run's summary rows with samples: sample id -> (IoU, image id)."""
+    from harness.runner import cell_records
+
+    return {(*cell_block(r), r["spec"], f"{r['dataset']}:{r['split']}"):
+            {x["sample_id"]: (x["iou"], x.get("image_id", x["sample_id"]))
+             for x in cell_records(run_dir, r["cell"], r.get("n"))}
+            for r in rows if not r.get("missing")}
+
+
+def paired_pairs(samples: dict[tuple, dict[str, tuple[float, str]]], block: tuple, a: str, b: str,
+                 splits: list[str]) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], list[str]]:
+    """(IoU of a, IoU of b, image ids) on the samples both have, for each split where both ran; and those splits."""
+    pairs, used = [], []
+    for split in splits:
+        mine, other = samples.get((*block, a, split)), samples.get((*block, b, split))
+        common = sorted(set(mine) & set(other)) if mine and other else []
+        if common:
+            pairs.append((np.array([mine[k][0] for k in common]), np.array([other[k][0] for k in common]),
+                          np.array([other[k][1] for k in common])))
+            used.append(split)
+    return pairs, used
+
+
+def compare_frame(run_dir: str | Path, pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    """Paired comparisons of a run's methods: for every (A, B) and every model block where both ran, the mean over
+    the splits they share of gIoU(A), gIoU(B) and A - B, with the paired cluster-bootstrap 95% interval of
+    `paired_drop` (the same images resampled for both)."""
+    import pandas as pd
+
+    from harness.runner import canonical_spec, load_run
+
+    rows = load_run(run_dir)
+    samples = sample_ious(run_dir, rows)
+    splits = list(dict.fromkeys(f"{r['dataset']}:{r['split']}" for r in rows))
+    out = []
+    for a, b in pairs:
+        a, b = canonical_spec(a), canonical_spec(b)
+        known = {r["spec"] for r in rows}
+        for spec in (a, b):
+            if spec not in known:
+                raise ValueError(f"{run_dir} has no cell of {spec}; its methods: {', '.join(sorted(known))}")
+        for block in dict.fromkeys(cell_block(r) for r in rows):
+            matched, used = paired_pairs(samples, block, a, b, splits)
+            if not matched:
+                continue
+            d, lo, hi = paired_drop(matched)
+            out.append({"model": block[0], "decode": block[4], "A": method_label(a), "B": method_label(b),
+                        "splits": len(used), "n": sum(len(m) for m, _, _ in matched),
+                        "gIoU A": float(np.mean([m.mean() for m, _, _ in matched])),
+                        "gIoU B": float(np.mean([o.mean() for _, o, _ in matched])), "A - B": d, "lo": lo, "hi": hi})
+        if not any(r["A"] == method_label(a) and r["B"] == method_label(b) for r in out):
+            raise ValueError(f"{method_label(a)} and {method_label(b)} share no samples in {run_dir} (different "
+                             f"models, splits or decode modes)")
+    return pd.DataFrame(out)
+
+
 def paper_frame(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """One row per (model, its weights, dtype, attention, decode mode, method spec) of a run: gIoU and cIoU per split
     (NaN where missing, listed in `missing`), their mean (only when every split is there), N_avg, TFLOPs, LLM
@@ -106,7 +168,7 @@ def paper_frame(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     interval. Returns the frame and notes (missing, partial and unpaired cells)."""
     import pandas as pd
 
-    from harness.runner import cell_records, load_run
+    from harness.runner import load_run
 
     rows = load_run(run_dir)
     notes: list[str] = []
@@ -123,7 +185,7 @@ def paper_frame(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     samples: dict[tuple, dict[str, tuple[float, str]]] = {}
     for r in rows:
         split = f"{r['dataset']}:{r['split']}"
-        block = (r["model"], r.get("fingerprint", ""), r.get("dtype"), r.get("attn"), r["decode"])
+        block = cell_block(r)
         model = r["model"] if len(weights[r["model"]]) == 1 else \
             f"{r['model']} [{r.get('fingerprint', '')[:8]}, {r.get('dtype')}, {r.get('attn')}]"
         row = by_key.setdefault((*block, r["spec"]), {
@@ -142,8 +204,7 @@ def paper_frame(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
             notes.append(f"{row['method']} on {split}: partial ({r['n']} samples)")
         row[f"{split} gIoU"], row[f"{split} cIoU"] = r["giou"], r["ciou"]
         row["_cells"].append(r)
-        samples[(*block, r["spec"], split)] = {x["sample_id"]: (x["iou"], x.get("image_id", x["sample_id"]))
-                                               for x in cell_records(run_dir, r["cell"], r.get("n"))}
+    samples = sample_ious(run_dir, rows)
     out = []
     for row in by_key.values():
         cells, block = row.pop("_cells"), row.pop("_block")
@@ -155,14 +216,9 @@ def paper_frame(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
                              ("LLM ms", "llm_total_ms")):
                 row[col] = float(np.mean([c[key] for c in cells]))
         if row["spec"] != "none":
-            pairs = []
+            pairs, used = paired_pairs(samples, block, row["spec"], "none", splits)
             for split in splits:
-                mine, base = samples.get((*block, row["spec"], split)), samples.get((*block, "none", split))
-                common = sorted(set(mine) & set(base)) if mine and base else []
-                if common:
-                    pairs.append((np.array([mine[k][0] for k in common]), np.array([base[k][0] for k in common]),
-                                  np.array([base[k][1] for k in common])))
-                elif mine:
+                if split not in used and samples.get((*block, row["spec"], split)):
                     notes.append(f"{row['method']} on {split}: no unpruned (`none`) cell to pair with; no drop")
             if pairs and len(pairs) == len([s for s in splits if samples.get((*block, row["spec"], s))]):
                 row["dgIoU"], row["dgIoU lo"], row["dgIoU hi"] = paired_drop(pairs)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.report import (
+    compare_frame,
     method_label,
     paired_drop,
     paper_frame,
@@ -45,6 +46,26 @@ def test_frame_has_one_row_per_method_with_splits_and_the_paired_drop(run):
     for _, r in frame.iloc[1:].iterrows():
         assert r["dgIoU"] == pytest.approx(r["mean gIoU"] - base["mean gIoU"])  # same samples in every cell
         assert r["dgIoU lo"] <= r["dgIoU"] <= r["dgIoU hi"]
+
+
+def test_compare_pairs_two_methods_on_their_shared_samples(run):
+    frame, _ = paper_frame(run)
+    by = frame.set_index("method")
+    got = compare_frame(run, [("random@50%", "fastv@75%"), ("fastv@75%", "none")]).set_index("A")
+    a, b = got.loc["random@50%"], got.loc["fastv@75%"]
+    assert (a["B"], a["splits"], a["n"]) == ("fastv@75%", 2, 6)
+    assert a["gIoU A"] == pytest.approx(by.loc["random@50%", "mean gIoU"])
+    assert a["A - B"] == pytest.approx(by.loc["random@50%", "mean gIoU"] - by.loc["fastv@75%", "mean gIoU"])
+    assert a["lo"] <= a["A - B"] <= a["hi"]
+    # against the unpruned model it is the table's drop, interval included
+    drop = tuple(by.loc["fastv@75%", ["dgIoU", "dgIoU lo", "dgIoU hi"]])
+    assert (b["A - B"], b["lo"], b["hi"]) == pytest.approx(drop)
+    with pytest.raises(ValueError, match="has no cell of pdrop"):
+        compare_frame(run, [("pdrop@50%", "none")])
+    r = CliRunner().invoke(main, ["compare", str(run), "random@50%", "fastv@75%", "none"])
+    assert r.exit_code != 0 and "pairs of methods" in r.output
+    r = CliRunner().invoke(main, ["compare", str(run), "random @ 0.5", "none"])
+    assert r.exit_code == 0 and "| random@50% | none" in r.output.replace("  ", " ")
 
 
 def test_paired_drop_interval():
