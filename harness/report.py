@@ -50,13 +50,14 @@ BOOTSTRAP = 4000  # paired bootstrap resamples for the drop's 95% interval
 def method_label(spec: str) -> str:
     """Short row label: the method name with the parameters that differ from its defaults, and the budget
     ("fastv@75%", "csp:cluster=cls@70%", "pdrop:ratio=0.3")."""
-    from harness.method import METHODS, describe_params, parse_spec, resolve_params, split_budget
+    from harness.method import METHODS, describe_params, parse_spec, pop_positions, resolve_params, split_budget
 
     head, budget = split_budget(spec)
     name, given = parse_spec(head)
     try:
         cls = METHODS.get(name)
-        given = resolve_params(cls, given)
+        positions = pop_positions(cls, given)
+        given = {**resolve_params(cls, given), **({"positions": positions} if positions else {})}
         defaults = {p.name: p.default for p in describe_params(cls)}
         name = cls.name
     except ValueError:  # a method this installation does not know (a run made elsewhere): show it as stored

@@ -41,6 +41,7 @@ class RandomDrop(Method):
     """
 
     stage = "control"
+    position_policy = "original"  # as FastV
     citation = "random-drop control (FastV-style K and R)"
     keep_all = {"ratio": 0.0}
     budget_params = ("ratio",)

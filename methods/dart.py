@@ -67,9 +67,12 @@ class DART(Method):
                 "(DART), EMNLP 2025 (github.com/ZichenWen1/DART)")
     keep_all = None  # 4 + 8 t kept tokens: no setting keeps exactly every token of every model
     budget_params = ("truncation",)
-    deviations = ("keys recomputed from layer K-1's input (k_proj, RoPE) and counted as method work, where the "
-                  "official code returns them from the patched layer; cosine similarities in fp32 (official: the "
-                  "model's fp16); a pool too small for the picks is refused (the official topk raises)")
+    deviations = ("in LISA's template mode the tokens after the image, where the text pivots are chosen, include the "
+                  "teacher-forced answer '[SEG].</s>' (generate mode's prefill: the prompt only, as in the official "
+                  "generation); keys recomputed from layer K-1's input (k_proj, RoPE) and counted as method work, "
+                  "where the official code returns them from the patched layer; cosine similarities in fp32 "
+                  "(official: the model's fp16); a pool too small for the picks, or fewer tokens after the image "
+                  "than text pivots, is refused up front or with a message (the official topk raises)")
 
     def __init__(self, k: int = 2, truncation: int = 128, pivot_image: int = 4, pivot_text: int = 4):
         if k < 1:
@@ -112,7 +115,10 @@ class DART(Method):
             norms = keys.float().abs().sum(-1)  # (L,) L1 norm of each key row
             image_pivots = (norms[s:s + n].topk(self.pivot_image).indices + s).tolist()
             after = norms[s + n:]
-            text_pivots = (after.topk(min(self.pivot_text, len(after))).indices + s + n).tolist()
+            if len(after) < self.pivot_text:
+                raise ValueError(f"dart: pivot_text={self.pivot_text} but only {len(after)} tokens follow the image; "
+                                 f"lower pivot_text")
+            text_pivots = (after.topk(self.pivot_text).indices + s + n).tolist()
             chosen = set(image_pivots + text_pivots)  # the official visiting order: CPython set order
             pool = set(range(s, s + n)) - set(image_pivots)
             candidates = list(pool)

@@ -62,7 +62,8 @@ class VisPruner(Method):
     deviations = ("the [CLS] attention row is recomputed from the feature layer's input (any tower attention backend, "
                   "fp32); ties in attention and similarity are broken by index (stable sorts; the official argsort is "
                   "not stable); an odd residual count, where the official batched gather fails, splits into "
-                  "ceil(R/2) a's and floor(R/2) b's")
+                  "ceil(R/2) a's and floor(R/2) b's; a round that must drop more tokens than A holds (fewer than 8 "
+                  "diverse tokens wanted), where the official code fails too, drops all of A and goes on")
 
     def __init__(self, visual_token_num: int = 128, important_ratio: float = 0.5):
         if visual_token_num < 1:

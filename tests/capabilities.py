@@ -22,6 +22,7 @@ class ReplacePatches(Method):
     """
 
     stage = "pre-llm"
+    position_policy = "original"  # GAP's unpruned positions: the contract tests check both policies
     citation = "contract test: replace tokens before the projector"
     keep_all = {"every": 1}
 
@@ -50,6 +51,7 @@ class DropAtK(Method):
     """
 
     stage = "in-llm"
+    position_policy = "original"
     needs_llm_attention = True
     citation = "contract test: drop image tokens before layer K"
     keep_all = {"keep": -1}
@@ -93,6 +95,7 @@ class HoldBack(Method):
     """
 
     stage = "multi-stage"
+    position_policy = "original"
     citation = "contract test: hold image tokens back and re-insert them"
     keep_all = {"at": 0}
 
@@ -133,6 +136,7 @@ class LightFFN(Method):
     """
 
     stage = "in-llm"
+    reduces_tokens = False
     citation = "contract test: a different FFN path for a subset of tokens"
     keep_all = {"rank": 0}
     exact_reference = False  # changes the FFN, not the token set: checked against hooked stock layers instead

@@ -25,6 +25,8 @@ def base(tiny, image):
 def test_declarations(name):
     cls = METHODS.get(name)
     assert cls.stage in STAGES and cls.position_policy in POSITION_POLICIES
+    if cls.reduces_tokens:  # the official ids are a choice every method makes (pre-LLM ones: usually reindex)
+        assert any("position_policy" in vars(k) for k in cls.__mro__[:-2]), f"{name} must declare position_policy"
     assert cls.citation, f"{name} needs a citation"
     for p in describe_params(cls):
         assert p.help, f"{name}: parameter {p.name} needs an Args: entry in the class docstring"

@@ -106,7 +106,7 @@ def test_budget_mappings_hit_the_target_on_the_model(spec, tiny, image):
         assert method.score == "seg"  # fixed parameters stay fixed
 
 
-def test_budget_errors_say_how_to_fix(tiny):
+def test_budget_errors_say_how_to_fix(tiny, image):
     with pytest.raises(ValueError, match="depends on the model"):
         create_method("fastv@75%")
     with pytest.raises(ValueError, match="out of reach"):
@@ -127,6 +127,8 @@ def test_budget_errors_say_how_to_fix(tiny):
         create_method("dart@90%", info=tiny.info)  # DART reads layer K-1 >= 0: one full layer of 8 is 32 > 25.6
     with pytest.raises(ValueError, match="lower truncation"):
         tiny.segment(None, QUERY, "dart:truncation=256")  # 4 + 8 x 32 = 260 > 256 tokens
+    with pytest.raises(ValueError, match="lower pivot_text"):  # the schedule would count pivots that do not exist
+        tiny.segment(image, QUERY, "dart:pivot_text=400,truncation=0")
 
 
 def test_budget_specs_are_canonical_and_parse_back(tiny):

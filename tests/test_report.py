@@ -89,6 +89,13 @@ def test_pareto_front():
     assert pareto_front(x, y).tolist() == [0, 2, 4]
 
 
+def test_method_label_keeps_non_defaults_positions_and_budget():
+    from harness.runner import canonical_spec
+
+    assert method_label(canonical_spec("fastv:positions=reindex")) == "fastv:positions=reindex"
+    assert method_label(canonical_spec("pdrop:positions=original@75%")) == "pdrop:positions=original@75%"
+
+
 def test_method_label_keeps_non_defaults_and_budget():
     assert method_label("fastv:k=2,ratio=0.5,keep=null,score=last,seed=0") == "fastv"
     assert method_label("fastv:k=3,ratio=0.5,keep=null,score=seg,seed=0") == "fastv:k=3,score=seg"
