@@ -341,6 +341,15 @@ def evaluate(model: Any, cell: Cell, sample: Any, index: int, method: Method, en
     return rec
 
 
+def policy_of(resolved: str | None) -> str | None:
+    """The position-id policy of a resolved method spec (cells written before the policy was recorded), None when
+    this installation cannot build it."""
+    try:
+        return create_method(resolved).policy if resolved else None
+    except ValueError:
+        return None
+
+
 def summarize_cell(cell: Cell, records: list[dict[str, Any]], expected: int | None = None,
                    resolved: str | None = None, positions: str | None = None) -> dict[str, Any]:
     """One summary row; `resolved` is the method with every parameter (a budget spec's mapping on the model),
@@ -506,7 +515,8 @@ def load_run(run_dir: str | Path) -> list[dict[str, Any]]:
         expected = info.get("expected", cell.limit)
         if expected is not None:  # a smaller limit shows its prefix (shards may have filled later samples first)
             records = [r for k, r in enumerate(records) if r.get("index", k) < expected]
-        row = summarize_cell(cell, records, expected, info.get("resolved_method"), info.get("positions"))
+        row = summarize_cell(cell, records, expected, info.get("resolved_method"),
+                             info.get("positions") or policy_of(info.get("resolved_method")))
         row["cell"] = cid
         row["missing"] = not records
         rows.append(row)

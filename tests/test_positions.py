@@ -9,7 +9,7 @@ import torch
 
 from harness.engine import original_positions
 from harness.method import create_method
-from harness.runner import expand_grid, run_grid
+from harness.runner import expand_grid, load_run, run_grid
 from harness.state import Kind
 from tests.conftest import QUERY
 from tests.reference import Recorder
@@ -77,3 +77,7 @@ def test_a_cell_records_its_policy(tmp_path):
     metas = [json.loads((tmp_path / "cells" / f"{r['cell']}.json").read_text()) for r in rows]
     assert [m["positions"] for m in metas] == ["reindex", "original"]
     assert metas[1]["resolved_method"].endswith("positions=original")
+    for meta, row in zip(metas, rows, strict=True):  # a cell written before the policy was recorded
+        del meta["positions"]
+        (tmp_path / "cells" / f"{row['cell']}.json").write_text(json.dumps(meta))
+    assert [r["positions"] for r in load_run(tmp_path)] == ["reindex", "original"]
