@@ -203,8 +203,8 @@ def cls_attention_heads(layer: nn.Module, hidden: Tensor, ctx: Context) -> tuple
 def assemble(model: SegModel, image_tokens: Tensor, patch_index: Tensor, query: str, is_sentence: bool,
              answer: bool = True, members: dict[int, list[tuple[int, float]]] | None = None) -> TokenState:
     """Embed the prompt (with the template answer "[SEG].</s>" unless `answer` is False) and splice the projected
-    image tokens in at LLaVA's image placeholder. `members`: the ledger's merged-token members, for the positions of
-    merged tokens (`original_positions`)."""
+    image tokens in at LLaVA's image placeholder. `members`: the ledger's merged-token members (`Ledger.members`), for
+    the positions of merged tokens (`original_positions`)."""
     pre, post = model.prompt_ids(query, is_sentence, answer)
     embed = model.language_model.embed_tokens
     dev = image_tokens.device
@@ -232,12 +232,11 @@ def original_positions(patch_index: Tensor, n_pre: int, n_full: int, n_post: int
     With the full image block in patch order this is 0..n-1, the assembled order itself.
     """
     def anchor(code: int) -> int:
-        if code >= 0:
-            return code
-        pairs = members.get(code)
-        if code == -1 or not pairs:
-            return 0
-        return max(enumerate(pairs), key=lambda item: (item[1][1], -item[0]))[1][0]
+        if code >= -1:
+            return max(code, 0)
+        if code not in members:
+            raise ValueError(f"merged token {code} has no members: pass the ledger's members to assemble()")
+        return max(enumerate(members[code]), key=lambda item: (item[1][1], -item[0]))[1][0]
 
     image = [n_pre + anchor(c) for c in patch_index.tolist()]
     return torch.tensor([*range(n_pre), *image, *range(n_pre + n_full, n_pre + n_full + n_post)],

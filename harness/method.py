@@ -5,7 +5,7 @@ The loop of `harness.engine` fires these events (pseudocode of one forward pass,
     feats = vision_tower(image)                      # VisionFeatures: patches (1, N, Dv), grid, CLS
     feats = method.on_vision(feats, ctx)             # pre-LLM: replace / merge / select patches
     tokens = projector(feats.patches)
-    state = assemble(prompt, tokens)                 # TokenState: hidden, index, kind, patch
+    state = assemble(prompt, tokens)                 # TokenState: hidden, index, kind, patch, position
     state = method.on_sequence(state, ctx)           # hold tokens back before layer 0
     for i, layer in enumerate(llm.layers):
         state = method.before_layer(i, state, ctx)   # drop / re-insert tokens before layer i

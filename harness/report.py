@@ -140,10 +140,11 @@ def compare_frame(run_dir: str | Path, pairs: list[tuple[str, str]]) -> pd.DataF
     rows = load_run(run_dir)
     samples = sample_ious(run_dir, rows)
     splits = list(dict.fromkeys(f"{r['dataset']}:{r['split']}" for r in rows))
+    known = {r["spec"] for r in rows}
     out = []
     for a, b in pairs:
         a, b = canonical_spec(a), canonical_spec(b)
-        known = {r["spec"] for r in rows}
+        before = len(out)
         for spec in (a, b):
             if spec not in known:
                 raise ValueError(f"{run_dir} has no cell of {spec}; its methods: {', '.join(sorted(known))}")
@@ -156,7 +157,7 @@ def compare_frame(run_dir: str | Path, pairs: list[tuple[str, str]]) -> pd.DataF
                         "splits": len(used), "n": sum(len(m) for m, _, _ in matched),
                         "gIoU A": float(np.mean([m.mean() for m, _, _ in matched])),
                         "gIoU B": float(np.mean([o.mean() for _, o, _ in matched])), "A - B": d, "lo": lo, "hi": hi})
-        if not any(r["A"] == method_label(a) and r["B"] == method_label(b) for r in out):
+        if len(out) == before:
             raise ValueError(f"{method_label(a)} and {method_label(b)} share no samples in {run_dir} (different "
                              f"models, splits or decode modes)")
     return pd.DataFrame(out)
@@ -183,7 +184,6 @@ def paper_frame(run_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     for r in rows:
         weights.setdefault(r["model"], set()).add((r.get("fingerprint", ""), r.get("dtype"), r.get("attn")))
     by_key: dict[tuple, dict] = {}
-    samples: dict[tuple, dict[str, tuple[float, str]]] = {}
     for r in rows:
         split = f"{r['dataset']}:{r['split']}"
         block = cell_block(r)
