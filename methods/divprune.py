@@ -34,10 +34,11 @@ def max_min_diverse(v: torch.Tensor, k: int) -> torch.Tensor:
     nearest = dist.topk(2, dim=0, largest=False).values[1]  # (n,) distance to the nearest other token
     chosen[0] = nearest.argmax()
     closest = dist[chosen[0]].clone()  # (n,) distance of every token to the chosen set
+    closest[chosen[0]] = -torch.inf  # chosen tokens stay out (the official code relies on their ~0 self-distance)
     for i in range(1, k):
-        closest[chosen[:i]] = -torch.inf  # chosen tokens: the official code relies on their ~0 self-distance
         chosen[i] = closest.argmax()
         closest = torch.minimum(closest, dist[chosen[i]])
+        closest[chosen[i]] = -torch.inf
     return chosen
 
 
